@@ -1,0 +1,298 @@
+"""Private helpers shared by the structured operators.
+
+* :class:`BlockOperator` - the base class: one place that checks the backend
+  and the length of every vector an operator is applied to, and routes
+  ``matvec``/``rmatvec`` through the batched ``_matmat``/``_rmatmat``.
+* block normalisation (``as_blocks3``) and *runs*: consecutive blocks of equal
+  shape stacked into one ``(N, r, c)`` array so that a block-diagonal product
+  is one batched ``matmul`` per run instead of one Python call per block.
+* ``dense_inverse`` / ``dense_inverse_of_sum``: an LU-factored dense inverse
+  for the small blocks (Schur complements, capacitance matrices) the caller
+  did not supply.
+* ``as_operator`` / ``common_backend``: arrays or operators as operators, and
+  the one backend they share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pylops import LinearOperator
+
+from .._checks import SingularBlockError, check_dtype, check_finite, result_dtype
+from ..backend import get_array_module, get_linalg, is_cupy_array
+
+__all__ = [
+    "BlockOperator",
+    "Run",
+    "apply_runs",
+    "as_blocks3",
+    "as_operator",
+    "backend_of",
+    "block_size",
+    "common_backend",
+    "dense_inverse",
+    "dense_inverse_of_sum",
+    "make_runs",
+]
+
+
+def backend_of(owner: str, arrays: list) -> Any:
+    """Array module shared by ``arrays``; ``TypeError`` naming ``owner`` if mixed."""
+    arrays = [a for a in arrays if a is not None and hasattr(a, "shape")]
+    kinds = {is_cupy_array(a) for a in arrays}
+    if len(kinds) > 1:
+        raise TypeError(
+            f"{owner}: blocks live on different backends (NumPy and CuPy); "
+            "move them to one backend first (blockops.backend.as_backend)"
+        )
+    return get_array_module(*arrays)
+
+
+def as_blocks3(owner: str, name: str, blocks: list, xp: Any) -> list:
+    """Each block as a 3-D ``(G, r, c)`` array (a 2-D block is ``G = 1``); views, no copies."""
+    out = []
+    for i, b in enumerate(blocks):
+        if b is None:
+            out.append(None)
+            continue
+        if not hasattr(b, "shape") or b.ndim not in (2, 3):
+            shape = getattr(b, "shape", type(b).__name__)
+            raise ValueError(
+                f"{owner}: {name}[{i}] has shape {shape}; expected a 2-D (r, c) block "
+                "or a 3-D (G, r, c) stack meaning blockdiag over G"
+            )
+        check_dtype(owner, f"{name}[{i}]", b)
+        out.append(b[None] if b.ndim == 2 else b)
+    return out
+
+
+def block_size(b3) -> tuple[int, int]:
+    """(rows, cols) of the block-diagonal matrix a ``(G, r, c)`` stack stands for."""
+    g, r, c = b3.shape
+    return g * r, g * c
+
+
+@dataclass
+class Run:
+    """Consecutive blocks of one shape: rows ``[r0, r0 + N r)``, cols ``[c0, c0 + N c)``.
+
+    ``blocks`` is ``(N, r, c)``; ``None`` means an identity copy of length ``n``.
+    """
+
+    blocks: Any
+    r0: int
+    c0: int
+    nr: int
+    nc: int
+
+
+def make_runs(xp: Any, blocks3: list, sizes: list[tuple[int, int]], r0: int = 0, c0: int = 0):
+    """Group consecutive blocks of equal ``(r, c)`` into stacked runs.
+
+    ``blocks3[i]`` is ``(G, r, c)`` or ``None`` (identity of size ``sizes[i]``).
+    Blocks of one run are concatenated once here (one copy at construction),
+    which turns the product into one batched ``matmul`` per run.
+    """
+    runs: list[Run] = []
+    group: list = []
+    pos = [r0, c0]
+
+    def close():
+        if not group:
+            return
+        nr = sum(s[0] for _, s in group)
+        nc = sum(s[1] for _, s in group)
+        first = group[0][0]
+        if first is None or len(group) == 1:
+            stacked = first
+        else:
+            stacked = xp.concatenate([b for b, _ in group], axis=0)
+        runs.append(Run(stacked, pos[0], pos[1], nr, nc))
+        pos[0] += nr
+        pos[1] += nc
+        group.clear()
+
+    for b, s in zip(blocks3, sizes):
+        key = None if b is None else b.shape[1:]
+        if group:
+            prev = group[-1][0]
+            prev_key = None if prev is None else prev.shape[1:]
+            if (prev is None) != (b is None) or prev_key != key:
+                close()
+        group.append((b, s))
+    close()
+    return runs
+
+
+def apply_runs(xp: Any, runs: list, X, out, adjoint: bool = False, add: bool = False):
+    """``out[rows of run] (+)= run @ X[cols of run]`` for every run; ``X`` is ``(n, k)``.
+
+    With ``adjoint`` the roles of rows and columns swap and each block is
+    transposed (real arithmetic: transpose = adjoint); with ``add`` the
+    products are added to ``out`` instead of written.
+    """
+    k = X.shape[1]
+    for run in runs:
+        r0, c0, nr, nc = run.r0, run.c0, run.nr, run.nc
+        if adjoint:
+            r0, c0, nr, nc = c0, r0, nc, nr
+        if run.blocks is None:
+            y = X[c0 : c0 + nc]
+        else:
+            B = xp.swapaxes(run.blocks, -1, -2) if adjoint else run.blocks
+            n, _, c = B.shape
+            y = xp.matmul(B, X[c0 : c0 + nc].reshape(n, c, k)).reshape(nr, k)
+        if add:
+            out[r0 : r0 + nr] += y
+        else:
+            out[r0 : r0 + nr] = y
+    return out
+
+
+class BlockOperator(LinearOperator):
+    """Base class: backend and length checks, vectors routed through ``_matmat``.
+
+    Subclasses set ``self.xp`` (``None``: follow the input's backend) and
+    implement ``_matmat(X)`` / ``_rmatmat(X)`` for ``X`` of shape ``(n, k)``.
+    """
+
+    xp: Any = np
+
+    def _check_input(self, x, n: int, what: str):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{self.name}: {what} must be an array, got {type(x).__name__}")
+        if self.xp is not None and is_cupy_array(x) != (self.xp is not np):
+            raise TypeError(
+                f"{self.name}: {what} is a {type(x).__module__.split('.')[0]} array but the "
+                f"operator holds {self.xp.__name__} arrays; move it to one backend first"
+            )
+        if x.ndim not in (1, 2) or x.shape[0] != n:
+            raise ValueError(
+                f"{self.name}: {what} has shape {tuple(x.shape)}; expected ({n},) or ({n}, k) "
+                f"for an operator of shape {self.shape}"
+            )
+
+    def matvec(self, x):
+        self._check_input(x, self.shape[1], "x")
+        return super().matvec(x)
+
+    def rmatvec(self, x):
+        self._check_input(x, self.shape[0], "x")
+        return super().rmatvec(x)
+
+    def matmat(self, X):
+        self._check_input(X, self.shape[1], "X")
+        return super().matmat(X)
+
+    def rmatmat(self, X):
+        self._check_input(X, self.shape[0], "X")
+        return super().rmatmat(X)
+
+    def _matvec(self, x):
+        return self._matmat(x.reshape(-1, 1)).reshape(-1)
+
+    def _rmatvec(self, x):
+        return self._rmatmat(x.reshape(-1, 1)).reshape(-1)
+
+    def _out_dtype(self, X):
+        return result_dtype(self.dtype, X.dtype)
+
+
+class _DenseLU(BlockOperator):
+    """``A^-1`` of a small dense square matrix through one LU factorisation."""
+
+    def __init__(self, A, owner: str, what: str, scale: float = 0.0):
+        self.xp = xp = get_array_module(A)
+        check_finite(owner, what, A)
+        n = A.shape[0]
+        self._lu_mod = get_linalg(xp)
+        # pivots are judged against the scale of A and of the terms A was formed from
+        scale = max(scale, float(xp.max(xp.abs(A))) if A.size else 0.0)
+        tol = n * np.finfo(A.dtype).eps * scale
+        try:
+            self._lu = self._lu_mod.lu_factor(A, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError) as err:  # pragma: no cover - LAPACK path
+            raise SingularBlockError(f"{owner}: {what} ({n}x{n}) is singular: {err}") from None
+        piv = xp.abs(xp.diagonal(self._lu[0]))
+        if n and (not bool(xp.all(xp.isfinite(piv))) or float(xp.min(piv)) <= tol):
+            raise SingularBlockError(
+                f"{owner}: {what} ({n}x{n}) is singular or numerically singular "
+                f"(smallest LU pivot {float(xp.min(piv)):.3g}); add damping or pass an explicit "
+                "inverse operator"
+            )
+        super().__init__(dtype=A.dtype, shape=(n, n), name=f"{owner}.{what}^-1")
+
+    def _matmat(self, X):
+        return self._lu_mod.lu_solve(self._lu, X, trans=0, check_finite=False)
+
+    def _rmatmat(self, X):
+        return self._lu_mod.lu_solve(self._lu, X, trans=1, check_finite=False)
+
+
+def dense_inverse(op_or_array, owner: str, what: str, xp: Any = None) -> BlockOperator:
+    """LU-factored inverse of a small operator or array (forms it densely: small sizes only).
+
+    ``xp`` is the backend used to densify an operator (default NumPy).
+    """
+    return dense_inverse_of_sum([op_or_array], owner, what, xp)
+
+
+def dense_inverse_of_sum(terms: list, owner: str, what: str, xp: Any = None) -> BlockOperator:
+    """LU-factored inverse of ``sum(terms)`` formed densely (small sizes only).
+
+    A pivot is declared zero relative to the largest term, so a Schur
+    complement ``A22 - A21 A11^-1 A12`` that cancels to rounding noise is
+    reported singular.
+    """
+    backend = "numpy" if xp is None or xp is np else "cupy"
+    dense = [t.todense(backend=backend) if isinstance(t, LinearOperator) else t for t in terms]
+    for t in dense:
+        if t.ndim != 2 or t.shape[0] != t.shape[1]:
+            raise ValueError(
+                f"{owner}: {what} has shape {tuple(t.shape)}; expected a square matrix"
+            )
+    A = dense[0]
+    for t in dense[1:]:
+        A = A + t
+    mod = get_array_module(A)
+    scale = max(float(mod.max(mod.abs(t))) if t.size else 0.0 for t in dense)
+    return _DenseLU(A, owner, what, scale=scale)
+
+
+def as_operator(owner: str, name: str, A, shape: tuple | None = None) -> tuple[LinearOperator, Any]:
+    """An operator for ``A`` (arrays wrapped in ``pylops.MatrixMult``) and its backend.
+
+    The backend is ``None`` when an operator does not reveal it.
+    """
+    from pylops import MatrixMult
+
+    if isinstance(A, LinearOperator):
+        op, xp = A, getattr(A, "xp", None)
+        if xp is None:
+            arr = getattr(A, "A", None)
+            xp = get_array_module(arr) if arr is not None and hasattr(arr, "shape") else None
+    elif hasattr(A, "shape") and A.ndim == 2:
+        check_dtype(owner, name, A)
+        op, xp = MatrixMult(A, dtype=A.dtype), get_array_module(A)
+    else:
+        raise TypeError(
+            f"{owner}: {name} must be a 2-D array or a pylops LinearOperator, "
+            f"got {type(A).__name__} {getattr(A, 'shape', '')}"
+        )
+    if shape is not None and tuple(op.shape) != tuple(shape):
+        raise ValueError(f"{owner}: {name} has shape {tuple(op.shape)}; expected {tuple(shape)}")
+    return op, xp
+
+
+def common_backend(owner: str, xps: list) -> Any:
+    """The one backend among ``xps`` (``None`` entries ignored); ``TypeError`` if mixed."""
+    known = {id(x): x for x in xps if x is not None}
+    if len(known) > 1:
+        raise TypeError(
+            f"{owner}: blocks live on different backends (NumPy and CuPy); "
+            "move them to one backend first (blockops.backend.as_backend)"
+        )
+    return next(iter(known.values()), None)
