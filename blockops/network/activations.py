@@ -1,0 +1,150 @@
+r"""Smooth elementwise activations ``σ`` with their first two derivatives.
+
+A layer needs ``σ(t)``, ``σ'(t)`` and ``σ''(t)`` at its pre-activation ``t``
+(the diagonal factors of ``∇ f`` and of the b-weighted second derivatives,
+eqs. 12 and 22). :meth:`Activation.derivs` returns all three from one pass,
+sharing the expensive part (one ``tanh`` for tanh, sigmoid and GELU).
+
+Built-in: ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"gelu"`` (tanh form,
+``0.5 t (1 + tanh(√(2/π)(t + 0.044715 t³)))``) and ``"identity"``. A
+user-supplied activation is made with :func:`activation`; its callables must
+be array-generic (use ``x.__array_namespace__()`` or
+:func:`blockops.backend.get_array_module` rather than ``numpy`` directly) so
+that they run on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from ._util import array_module as get_array_module
+
+__all__ = ["ACTIVATIONS", "Activation", "activation", "get_activation"]
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+class Activation:
+    """An elementwise smooth function with its first two derivatives.
+
+    Parameters
+    ----------
+    name : str
+        Name shown in layer descriptions and in ``Pipeline.spec()``.
+    derivs : callable
+        ``derivs(t) -> (σ(t), σ'(t), σ''(t))``, elementwise, array-generic.
+    functions : tuple of callables or None
+        ``(f, df, d2f)`` for a user-supplied activation (kept in the spec so
+        that a reference implementation can evaluate it); ``None`` for
+        built-ins.
+    """
+
+    def __init__(self, name: str, derivs: Callable, functions: tuple | None = None):
+        self.name = name
+        self._derivs = derivs
+        self.functions = functions
+
+    def derivs(self, t):
+        """``(σ(t), σ'(t), σ''(t))`` with the dtype and backend of ``t``."""
+        return self._derivs(t)
+
+    def __call__(self, t):
+        return self._derivs(t)[0]
+
+    def __repr__(self) -> str:
+        return f"Activation({self.name!r})"
+
+
+def _tanh(t):
+    xp = get_array_module(t)
+    f = xp.tanh(t)
+    d1 = f * f
+    xp.subtract(1.0, d1, out=d1)  # 1 - f², in place: few temporaries per layer
+    d2 = f * d1
+    d2 *= -2.0
+    return f, d1, d2
+
+
+def _sigmoid(t):
+    xp = get_array_module(t)
+    # 0.5 (1 + tanh(t/2)) never overflows, unlike 1 / (1 + exp(-t))
+    f = 0.5 + 0.5 * xp.tanh(0.5 * t)
+    d1 = f * (1.0 - f)
+    return f, d1, d1 * (1.0 - 2.0 * f)
+
+
+def _softplus(t):
+    xp = get_array_module(t)
+    f = xp.logaddexp(t.dtype.type(0), t)  # log(1 + e^t) without overflow
+    s = 0.5 + 0.5 * xp.tanh(0.5 * t)
+    return f, s, s * (1.0 - s)
+
+
+def _gelu(t):
+    xp = get_array_module(t)
+    t2 = t * t
+    u = _GELU_C * (t + _GELU_A * t2 * t)
+    du = _GELU_C * (1.0 + 3.0 * _GELU_A * t2)
+    d2u = (6.0 * _GELU_C * _GELU_A) * t
+    th = xp.tanh(u)
+    sech2 = 1.0 - th * th
+    f = 0.5 * t * (1.0 + th)
+    d1 = 0.5 * (1.0 + th) + 0.5 * t * sech2 * du
+    d2 = sech2 * (du + 0.5 * t * (d2u - 2.0 * th * du * du))
+    return f, d1, d2
+
+
+def _identity(t):
+    xp = get_array_module(t)
+    return t, xp.ones_like(t), xp.zeros_like(t)
+
+
+ACTIVATIONS = {
+    "tanh": Activation("tanh", _tanh),
+    "sigmoid": Activation("sigmoid", _sigmoid),
+    "softplus": Activation("softplus", _softplus),
+    "gelu": Activation("gelu", _gelu),
+    "identity": Activation("identity", _identity),
+}
+
+
+def activation(f: Callable, df: Callable, d2f: Callable, name: str = "custom") -> Activation:
+    """A user-supplied smooth elementwise activation.
+
+    Parameters
+    ----------
+    f, df, d2f : callable
+        ``σ``, ``σ'`` and ``σ''``, each mapping an array to an array of the
+        same shape, dtype and backend (array-generic: use
+        ``t.__array_namespace__()`` for e.g. ``exp``).
+    name : str
+        Name for descriptions and the spec.
+
+    Examples
+    --------
+    >>> cubic = activation(lambda t: t + t**3 / 3, lambda t: 1 + t**2, lambda t: 2 * t, "cubic")
+    """
+    for g, what in ((f, "f"), (df, "df"), (d2f, "d2f")):
+        if not callable(g):
+            raise TypeError(f"activation {name!r}: {what} must be callable, got {type(g).__name__}")
+
+    def derivs(t):
+        return f(t), df(t), d2f(t)
+
+    return Activation(str(name), derivs, (f, df, d2f))
+
+
+def get_activation(act) -> Activation:
+    """An :class:`Activation` from a name, an ``Activation`` or ``None`` (identity)."""
+    if act is None:
+        return ACTIVATIONS["identity"]
+    if isinstance(act, Activation):
+        return act
+    if isinstance(act, str) and act.lower() in ACTIVATIONS:
+        return ACTIVATIONS[act.lower()]
+    raise ValueError(
+        f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)} "
+        "or blockops.network.activation(f, df, d2f, name)"
+    )
