@@ -1,0 +1,168 @@
+"""Hessian-vector product cost relative to a gradient, fused (Pearlmutter) and literal (eq. 24).
+
+Deep, narrow dense tanh pipelines (width 16) with an MSE loss, float64, batch
+1 and 32, depth 64 to 4096, one BLAS thread. For each size:
+
+* ``gradient``: ``Pipeline.gradient`` (forward + backprop), the unit of cost;
+* ``fused``: :func:`blockops.hessian.hvp` at a linearised point (one forward
+  ``jvp`` sweep and one backward sweep; the point's forward pass is reused,
+  as in any Newton-Krylov loop);
+* ``literal``: ``literal_hessian(point) @ v``, eq. 24 as pylops operator
+  algebra (operator built once; build time reported separately). Its
+  ``vec ∇_x f`` space has ``B · 16 · 272`` entries per layer, so it is
+  skipped at batch 32 beyond depth 256 (over 0.3 GB per vector, several
+  vectors and the explicit ``D_x`` in flight).
+
+Aims: fused HVP <= 4x a gradient; literal <= 3x the fused HVP. Ratios are
+reported, never asserted. Run::
+
+    python -m pytest benchmarks/bench_hvp.py --benchmark-only
+    python benchmarks/bench_hvp.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from functools import partial
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from blockops.hessian import hvp, literal_hessian
+from blockops.network import Dense, MSELoss, Pipeline
+
+WIDTH = 16
+BATCHES = (1, 32)
+DEPTHS = (64, 256, 1024, 4096)
+LITERAL_MAX_ENTRIES = 40_000_000  # skip the literal form beyond this many vec ∇_x f entries
+
+
+def make_case(depth: int, batch: int, width: int = WIDTH, seed: int = 0):
+    net = Pipeline([Dense(width, width, "tanh") for _ in range(depth)] + [MSELoss()])
+    rng = np.random.default_rng(seed)
+    x = net.init(seed=seed)
+    X = rng.standard_normal((batch, width))
+    y = rng.standard_normal((batch, width))
+    v = rng.standard_normal(net.n_params)
+    return net, x, X, y, v
+
+
+def _best(f, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def literal_entries(depth: int, batch: int, width: int = WIDTH) -> int:
+    return depth * batch * width * width * (width + 1)
+
+
+def run(quick: bool = False) -> list[dict]:
+    """One row per (batch, depth): seconds and ratios, plus the fused/literal agreement."""
+    depths = (64, 256) if quick else DEPTHS
+    rows = []
+    with threadpool_limits(1):
+        for batch in BATCHES:
+            for depth in depths:
+                repeat = 3 if quick or depth >= 1024 else 7
+                net, x, X, y, v = make_case(depth, batch)
+                t_grad = _best(partial(net.gradient, x, X, y), repeat)
+                pt = net.linearize(x, X, y)
+                hv = hvp(pt, v)
+                t_fused = _best(partial(hvp, pt, v), repeat)
+                row = {
+                    "width": WIDTH,
+                    "batch": batch,
+                    "depth": depth,
+                    "gradient_s": t_grad,
+                    "fused_s": t_fused,
+                    "fused_over_gradient": t_fused / t_grad,
+                    "literal_build_s": None,
+                    "literal_s": None,
+                    "literal_over_fused": None,
+                    "literal_vs_fused_rel": None,
+                }
+                if literal_entries(depth, batch) <= LITERAL_MAX_ENTRIES:
+                    t = time.perf_counter()
+                    H = literal_hessian(pt)
+                    row["literal_build_s"] = time.perf_counter() - t
+                    hl = H @ v
+                    row["literal_vs_fused_rel"] = float(np.abs(hl - hv).max() / np.abs(hv).max())
+                    row["literal_s"] = _best(partial(H.matvec, v), max(1, repeat // 2))
+                    row["literal_over_fused"] = row["literal_s"] / t_fused
+                rows.append(row)
+    return rows
+
+
+# -- pytest-benchmark ---------------------------------------------------------------
+def _point(depth, batch):
+    net, x, X, y, v = make_case(depth, batch)
+    return net, x, X, y, v, net.linearize(x, X, y)
+
+
+def test_bench_gradient_b1(benchmark):
+    net, x, X, y, _, _ = _point(1024, 1)
+    with threadpool_limits(1):
+        benchmark(net.gradient, x, X, y)
+
+
+def test_bench_hvp_fused_b1(benchmark):
+    *_, v, pt = _point(1024, 1)
+    with threadpool_limits(1):
+        benchmark(hvp, pt, v)
+
+
+def test_bench_hvp_literal_b1(benchmark):
+    *_, v, pt = _point(1024, 1)
+    H = literal_hessian(pt)
+    with threadpool_limits(1):
+        benchmark(H.matvec, v)
+
+
+def test_bench_gradient_b32(benchmark):
+    net, x, X, y, _, _ = _point(256, 32)
+    with threadpool_limits(1):
+        benchmark(net.gradient, x, X, y)
+
+
+def test_bench_hvp_fused_b32(benchmark):
+    *_, v, pt = _point(256, 32)
+    with threadpool_limits(1):
+        benchmark(hvp, pt, v)
+
+
+def test_bench_hvp_literal_b32(benchmark):
+    *_, v, pt = _point(256, 32)
+    H = literal_hessian(pt)
+    with threadpool_limits(1):
+        benchmark(H.matvec, v)
+
+
+def _fmt(val, spec):
+    return "-" if val is None else format(val, spec)
+
+
+if __name__ == "__main__":
+    rows = run(quick="--quick" in sys.argv)
+    head = (
+        "batch",
+        "depth",
+        "grad s",
+        "fused s",
+        "fused/grad",
+        "literal s",
+        "lit/fused",
+        "lit-fused",
+    )
+    print("{:>5s} {:>5s} {:>9s} {:>9s} {:>10s} {:>9s} {:>9s} {:>9s}".format(*head))
+    for r in rows:
+        print(
+            f"{r['batch']:5d} {r['depth']:5d} {r['gradient_s']:9.4f} {r['fused_s']:9.4f} "
+            f"{r['fused_over_gradient']:10.2f} {_fmt(r['literal_s'], '9.4f'):>9s} "
+            f"{_fmt(r['literal_over_fused'], '9.2f'):>9s} "
+            f"{_fmt(r['literal_vs_fused_rel'], '9.1e'):>9s}"
+        )

@@ -1,0 +1,312 @@
+r"""The Hessian of a pipeline: eq. 24 literally, eq. 26 lifted, and a fused HVP.
+
+Three forms of the same operator ``H = ∂²z_L/∂x²`` at a linearised point:
+
+``literal_hessian``
+    eq. 24 written as operator algebra of :func:`~blockops.hessian.parts.hessian_parts`,
+    so that the code reads like the paper.
+``lifted_hessian``
+    eq. 26, ``Uᵀ K U`` with ``U = [M⁻¹ D_x; I]`` and ``K`` the 2×2 block of
+    first- and second-derivative operators.
+``FusedHessian`` / :func:`hvp`
+    Pearlmutter's ``R{backprop}`` (Appendix A, eqs. 46-54): one forward sweep
+    of directional derivatives ``g^α`` (eq. 53) and one backward sweep of
+    ``b'`` (eq. 52, corrected: ``Mᵀ b'ᵀ = Pᵀ D_M (D_zz P g^α + D_xz v)``),
+    all directions at once, with the layers' fused ``jvp``, ``vjp`` and
+    ``hvp``. This is the default: the same ``H v`` as eq. 24 at the cost of
+    about two gradients.
+
+:func:`hessian` picks a form, adds damping ``λ I``, and offers the
+generalized Gauss-Newton matrix (``kind="ggn"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pylops
+from pylops import LinearOperator
+
+from .._checks import check_finite
+from ..backend import is_cupy_array
+from .parts import Layerwise, hessian_parts, point_structure
+
+__all__ = [
+    "FusedHessian",
+    "ggn_vp",
+    "hessian",
+    "hvp",
+    "lifted_hessian",
+    "literal_ggn",
+    "literal_hessian",
+]
+
+
+def literal_hessian(point, parts=None) -> LinearOperator:
+    r"""``H`` as the literal operator algebra of eq. 24.
+
+    .. math::
+        H = D_D D_{xx} + D_D D_{zx} P M^{-1} D_x + D_x^T M^{-T} P^T D_M D_{xz}
+            + D_x^T M^{-T} P^T D_M D_{zz} P M^{-1} D_x
+
+    Every product is a pylops operator chain; nothing is formed. It applies
+    ``M⁻¹`` (and ``M^{-T}``) several times per product and moves vectors
+    through the large ``vec ∇f`` spaces: use it to read and check eq. 24,
+    and :class:`FusedHessian` to compute.
+    """
+    pr = hessian_parts(point) if parts is None else parts
+    M, Minv, P, Dx, DD, DM = pr.M, pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM
+    Dxx, Dxz, Dzx, Dzz = pr.Dxx, pr.Dxz, pr.Dzx, pr.Dzz
+    del M  # eq. 24 uses M only through its inverse
+    H = (
+        DD @ Dxx
+        + DD @ Dzx @ P @ Minv @ Dx
+        + Dx.H @ Minv.H @ P.H @ DM @ Dxz
+        + Dx.H @ Minv.H @ P.H @ DM @ Dzz @ P @ Minv @ Dx
+    )
+    H.name = "H (eq. 24)"
+    return H
+
+
+def lifted_hessian(point, parts=None) -> LinearOperator:
+    r"""``H = Uᵀ K U`` of eq. 26.
+
+    .. math::
+        U = \begin{bmatrix} M^{-1} D_x \\ I \end{bmatrix}, \qquad
+        K = \begin{bmatrix} P^T D_M D_{zz} P & P^T D_M D_{xz} \\
+                            D_D D_{zx} P & D_D D_{xx} \end{bmatrix}
+
+    (the paper writes the left factor as ``U^T``; with ``U`` the tall
+    ``(N_z + N_x) × N_x`` stack it is ``Uᵀ K U``).
+    """
+    pr = hessian_parts(point) if parts is None else parts
+    Minv, P, Dx, DD, DM = pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM
+    Dxx, Dxz, Dzx, Dzz = pr.Dxx, pr.Dxz, pr.Dzx, pr.Dzz
+    dtype = Dx.dtype
+    U = pylops.VStack([Minv @ Dx, pylops.Identity(Dx.shape[1], dtype=dtype)], dtype=dtype)
+    K = pylops.Block([[P.H @ DM @ Dzz @ P, P.H @ DM @ Dxz], [DD @ Dzx @ P, DD @ Dxx]], dtype=dtype)
+    H = U.H @ K @ U
+    H.name = "H (eq. 26)"
+    return H
+
+
+def literal_ggn(point, parts=None) -> LinearOperator:
+    r"""Generalized Gauss-Newton matrix as operator algebra: the last term of eq. 24
+    with ``D_zz`` kept only for the loss layer.
+
+    .. math::
+        G = D_x^T M^{-T} P^T D_M D_{zz}^{(L)} P M^{-1} D_x = J^T H_\ell J ,
+
+    with ``J = ∂z_{L-1}/∂x`` (the ``z_{L-1}`` block of ``P M⁻¹ D_x``) and
+    ``H_ℓ`` the Hessian of the loss in its input.
+    """
+    pr = hessian_parts(point) if parts is None else parts
+    st = pr.structure
+    L = len(st.layers)
+    Dzz_loss = Layerwise(st, "zz", active=[l == L - 1 for l in range(L)], name="Dzz(loss)")
+    Minv, P, Dx, DM = pr.Minv, pr.P, pr.Dx, pr.DM
+    G = Dx.H @ Minv.H @ P.H @ DM @ Dzz_loss @ P @ Minv @ Dx
+    G.name = "GGN (eq. 24, loss term)"
+    return G
+
+
+def _directions(owner: str, st, V):
+    """``V`` of shape ``(n,)`` or ``(n, k)`` as a ``(k, n)`` array of the point's dtype."""
+    if not hasattr(V, "shape") or not hasattr(V, "dtype"):
+        raise TypeError(f"{owner}: V must be an array, got {type(V).__name__}")
+    if is_cupy_array(V) != (st.xp is not np):
+        raise TypeError(
+            f"{owner}: V is a {type(V).__module__.split('.')[0]} array but the point holds "
+            f"{st.xp.__name__} arrays; move it to one backend first"
+        )
+    n = st.n_params
+    if V.ndim not in (1, 2) or V.shape[0] != n:
+        raise ValueError(f"{owner}: V has shape {tuple(V.shape)}; expected ({n},) or ({n}, k)")
+    if V.dtype.kind not in "fiu":
+        raise TypeError(f"{owner}: V has dtype {V.dtype}; expected a real dtype")
+    check_finite(owner, "V", V)
+    W = V[None, :] if V.ndim == 1 else V.T
+    # one contiguous (k, n) copy at most, so each layer's slice reshapes without copying
+    return st.xp.ascontiguousarray(W, dtype=st.dtype)
+
+
+def _result(st, out, V):
+    return out[0] if V.ndim == 1 else st.xp.ascontiguousarray(out.T)
+
+
+def hvp(point, V):
+    r"""Hessian-vector products ``H V`` by Pearlmutter's ``R{backprop}`` (eqs. 46-54).
+
+    Forward sweep (eq. 53): ``g_l = ∇_z f_l g_{l-1} + ∇_x f_l v_l``, ``g_0 = 0``.
+    Backward sweep (eqs. 46-52), ``b'_L = 0`` because ``b_L = 1`` is constant:
+
+    .. math::
+        (h^z_l, h^x_l) = K_l [g_{l-1}; v_l], \quad
+        (Hv)_l = b'_l ∇_x f_l + h^x_l, \quad
+        b'_{l-1} = b'_l ∇_z f_l + h^z_l ,
+
+    with ``K_l`` the Hessian of ``b_l · f_l`` in ``(z_{l-1}, x_l)``
+    (``layer.hvp``). Stacked, this is eq. 54 = eq. 24.
+
+    Parameters
+    ----------
+    point : Point
+        Linearised pipeline.
+    V : array ``(n,)`` or ``(n, k)``
+        One or ``k`` directions; all ``k`` go through each layer at once.
+        Cast to the point's dtype; never modified.
+
+    Returns
+    -------
+    array of ``V``'s shape
+    """
+    st = point_structure(point)
+    W = _directions("hvp", st, V)
+    layers, caches, bs, off = st.layers, st.caches, st.bs, st.x_offsets
+    L = len(layers)
+    vs = [W[:, off[l] : off[l + 1]] if st.p[l] else None for l in range(L)]
+    # forward sweep, eq. 53: g[l] = dz_l/dα (g[0] = dz_0 = 0)
+    g = [None] * L
+    for l in range(L - 1):
+        if g[l] is not None or vs[l] is not None:  # else dz_l = 0 (nothing varies yet)
+            g[l + 1] = layers[l].jvp(caches[l], g[l], vs[l])
+    xp = st.xp
+    out = xp.empty(W.shape, dtype=st.dtype)
+    # backward sweep, eqs. 46-52
+    bprime = None  # b'_L = 0
+    for l in range(L - 1, -1, -1):
+        if g[l] is None and vs[l] is None:  # parameter-free layer(s) at the start: zero
+            hz = hx = None
+        else:
+            hz, hx = layers[l].hvp(caches[l], bs[l], g[l], vs[l])
+        rows = out[:, off[l] : off[l + 1]]
+        if bprime is None:
+            if st.p[l]:
+                rows[...] = hx
+        else:
+            bz, bx = layers[l].vjp(caches[l], bprime)
+            if st.p[l]:  # p_l > 0 means v_l is given, so hx is not None
+                xp.add(bx, hx, out=rows)
+            hz = bz if hz is None else hz + bz
+        bprime = hz
+    return _result(st, out, V)
+
+
+def ggn_vp(point, V):
+    r"""Generalized Gauss-Newton products ``G V = Jᵀ H_ℓ J V``.
+
+    ``J = ∂z_{L-1}/∂x`` is the Jacobian of the network output (the loss
+    input) and ``H_ℓ`` the Hessian of the loss in it (``K_zz`` of the loss
+    layer with ``b_L = 1``). One forward ``jvp`` sweep to ``z_{L-1}``, the
+    loss Hessian, one backward ``vjp`` sweep. ``G`` is symmetric and positive
+    semi-definite whenever the loss is convex in its input (MSE, softmax
+    cross-entropy). Parameters of the loss layer itself (a loss has none in
+    the built-in losses) get a zero block.
+    """
+    st = point_structure(point)
+    W = _directions("ggn_vp", st, V)
+    layers, caches, bs, off = st.layers, st.caches, st.bs, st.x_offsets
+    L = len(layers)
+    g = None
+    for l in range(L - 1):
+        v_l = W[:, off[l] : off[l + 1]] if st.p[l] else None
+        if g is not None or v_l is not None:  # else dz_l = 0 (nothing varies yet)
+            g = layers[l].jvp(caches[l], g, v_l)
+    out = st.xp.zeros(W.shape, dtype=st.dtype)
+    if g is None:  # pragma: no cover - a network with no parameters before the loss
+        return _result(st, out, V)
+    bprime, _ = layers[L - 1].hvp(caches[L - 1], bs[L - 1], g, None)
+    for l in range(L - 2, -1, -1):
+        bprime, bx = layers[l].vjp(caches[l], bprime)
+        if st.p[l]:
+            out[:, off[l] : off[l + 1]] = bx
+    return _result(st, out, V)
+
+
+class FusedHessian(LinearOperator):
+    r"""``H + λ I`` (or ``G + λ I``) applied by the fused sweeps of :func:`hvp` / :func:`ggn_vp`.
+
+    Forward and adjoint are the same (``H`` is symmetric):
+    ``y = H x + λ x``. ``matmat`` pushes all columns through each layer at
+    once.
+
+    Parameters
+    ----------
+    point : Point
+        Linearised pipeline (held by reference; it is read, never modified).
+    damping : float
+        ``λ ≥ 0`` added on the diagonal.
+    kind : {"hessian", "ggn"}
+        The exact Hessian (default) or the generalized Gauss-Newton matrix.
+    """
+
+    def __init__(self, point, damping: float = 0.0, kind: str = "hessian"):
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"FusedHessian: kind={kind!r}; expected 'hessian' or 'ggn'")
+        damping = float(damping)
+        if not np.isfinite(damping) or damping < 0:
+            raise ValueError(f"FusedHessian: damping={damping}; expected a finite value >= 0")
+        self.point, self.damping, self.kind = point, damping, kind
+        self.st = point_structure(point)
+        self._apply = hvp if kind == "hessian" else ggn_vp
+        n = self.st.n_params
+        super().__init__(dtype=self.st.dtype, shape=(n, n), name=f"{kind} (fused)")
+
+    def _mv(self, X):
+        Y = self._apply(self.point, X)
+        if self.damping:
+            Y += self.damping * X
+        return Y
+
+    def _matvec(self, x):
+        return self._mv(x)
+
+    def _rmatvec(self, x):
+        return self._mv(x)
+
+    def _matmat(self, X):
+        return self._mv(X)
+
+    def _rmatmat(self, X):
+        return self._mv(X)
+
+
+def hessian(point, damping: float = 0.0, form: str = "fused", kind: str = "hessian"):
+    r"""The Hessian (or Gauss-Newton matrix) of the loss at ``point`` as a LinearOperator.
+
+    Parameters
+    ----------
+    point : Point
+        ``Pipeline.linearize(x, X, y)``.
+    damping : float
+        ``λ ≥ 0``: the operator is ``H + λ I``.
+    form : {"fused", "literal", "lifted"}
+        ``"fused"`` (default): :class:`FusedHessian`, Pearlmutter's sweeps.
+        ``"literal"``: eq. 24 (:func:`literal_hessian`). ``"lifted"``: eq. 26
+        (:func:`lifted_hessian`). All three are the same matrix.
+    kind : {"hessian", "ggn"}
+        Exact Hessian or generalized Gauss-Newton ``Jᵀ H_ℓ J`` (positive
+        semi-definite for convex losses; ``form="lifted"`` is not offered).
+
+    Returns
+    -------
+    pylops.LinearOperator
+        Shape ``(n_params, n_params)``, dtype of the parameters.
+    """
+    if form not in ("fused", "literal", "lifted"):
+        raise ValueError(f"hessian: form={form!r}; expected 'fused', 'literal' or 'lifted'")
+    if kind not in ("hessian", "ggn"):
+        raise ValueError(f"hessian: kind={kind!r}; expected 'hessian' or 'ggn'")
+    if form == "fused":
+        return FusedHessian(point, damping=damping, kind=kind)
+    damping = float(damping)
+    if not np.isfinite(damping) or damping < 0:
+        raise ValueError(f"hessian: damping={damping}; expected a finite value >= 0")
+    if kind == "ggn":
+        if form == "lifted":
+            raise ValueError("hessian: kind='ggn' is offered with form='fused' or 'literal'")
+        H = literal_ggn(point)
+    else:
+        H = literal_hessian(point) if form == "literal" else lifted_hessian(point)
+    if damping:
+        H = H + damping * pylops.Identity(H.shape[0], dtype=H.dtype)
+    return H
