@@ -1,0 +1,421 @@
+r"""The structured stage of dense layers for the stagewise sweep.
+
+For a dense layer (``DESIGN.md``, "Where the speed comes from") with ``B``
+samples, ``a_in`` inputs, ``a`` outputs, ``r = a_in + 1`` and
+``p = a r`` parameters, write the parameters as the matrix
+``X̃ = [W, c]`` (``a × r``) and ``z̃_s = [z_s; 1]``. Then, with
+``β = b ⊙ σ'`` and ``w = b ⊙ σ''`` (``B × a``, sample-major ``m = B a``):
+
+* ``∇_z f = D₁ W_blk`` (``D₁ = diag(σ')``, ``W_blk = blockdiag_s W``) and
+  ``∇_x f = D₁ Uᵀ`` with ``U = [e_i ⊗ z̃_s]`` (``p × m``);
+* ``K_xx = U diag(w) Uᵀ``, ``K_zz = W_blkᵀ diag(w) W_blk``,
+  ``K_xz = U diag(w) W_blk + Sel`` with the selector
+  ``Sel[(i,k),(s,k')] = β_{s,i} δ_{kk'}`` (``k < a_in``).
+
+So for the value matrix ``V`` of ``dz_l`` and ``C = diag(w) + D₁ V D₁``:
+``Q_uu = λI + U C Uᵀ``, ``Q_us = U C W_blk + Sel``, ``Q_ss = W_blkᵀ C W_blk``.
+A thin QR ``Z̃ᵀ = Q Yᵀ`` (never the Gram ``Z̃ Z̃ᵀ``, which is singular in
+deep nets) gives ``U = U_q G`` with ``U_q = I_a ⊗ Q`` orthonormal and
+``G = Yᵀ ⊗ I_a`` (reduced coordinates ordered ``(r, i)``), hence
+
+.. math::
+
+    Q_{uu}^{-1} = λ^{-1}(I - U_q U_q^T) + U_q T^{-1} U_q^T,\qquad
+    T = λI + G C G^T,
+
+    V_{l-1} = Q_{ss} - E - R^T T^{-1} R,\qquad R = G C W_{blk} + U_q^T Sel,
+
+    E = λ^{-1} Sel^T (I - U_q U_q^T) Sel = λ^{-1} (β β^T) ⊗ (I - Q_z Q_z^T).
+
+No ``p × p`` or ``p × m`` matrix is formed. When ``B ≥ r`` the basis is
+complete, ``E = 0`` and ``λ = 0`` is allowed; otherwise ``λ > 0`` is needed
+(``Q_uu`` has rank ``≤ B a < p``). Everything that does not depend on ``V``
+is computed for all layers of a segment at once; the sequential loop is a
+handful of small products per layer. The inertia of ``Q_uu`` is that of ``T``
+plus ``p - ρa`` eigenvalues ``λ``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg.lapack import get_lapack_funcs
+
+from .._checks import SingularBlockError
+
+__all__ = ["DenseSegment", "dense_segments"]
+
+SMALL_M = 32  # B*a up to which the stacked (ns + k)-square form is used
+
+
+def _stack_mm(X, Q):
+    """``X @ Q`` for X (L, kc, a, r) and Q (L, r, q), shared over kc and a.
+
+    One GEMM-like contraction instead of ``L * kc`` tiny BLAS calls: the
+    ``(kc, a)`` axes are merged so each layer is a single product.
+    """
+    L, kc, a, r = X.shape
+    Xm = X.reshape(L, kc * a, r)
+    return (Xm @ Q).reshape(L, kc, a, Q.shape[2])
+
+
+def _kron_eye(Y, a):
+    """``kron(Y, I_a)`` for a stack ``Y`` (L, B, ρ) -> (L, B a, ρ a)."""
+    L, B, rho = Y.shape
+    eye = np.eye(a, dtype=Y.dtype)
+    return (Y[:, :, None, :, None] * eye[None, None, :, None, :]).reshape(L, B * a, rho * a)
+
+
+class DenseSegment:
+    """Consecutive dense layers of one shape, as one structured stage.
+
+    Parameters
+    ----------
+    layers, caches, bs : lists
+        The layers, their caches and their ``b_l`` (in layer order).
+    damping : float
+        ``λ``.
+    first_index : int
+        1-based index of the first layer (messages).
+    """
+
+    def __init__(self, layers, caches, bs, damping, first_index):
+        self.layers, self.first_index = layers, first_index
+        self.damping = lam = float(damping)
+        ex = [c.extra for c in caches]
+        W = np.stack([e["W"] for e in ex])  # (L, a, a_in)
+        z = np.stack([c.z_prev for c in caches])  # (L, B, a_in)
+        d1 = np.stack([e["d1"] for e in ex])  # (L, B, a)
+        b = np.stack(bs)
+        L, a, a_in = W.shape
+        B = z.shape[1]
+        r = a_in + 1
+        self.nlayers, self.a, self.a_in, self.B, self.r = L, a, a_in, B, r
+        self.p = L * a * r
+        self.pl = a * r
+        self.n_in, self.n_out = B * a_in, B * a
+        dt = W.dtype
+        beta = b * d1
+        w = b * np.stack([e["d2"] for e in ex])
+        zt = np.concatenate([z, np.ones((L, B, 1), dt)], axis=2)
+        Q, R = np.linalg.qr(zt.transpose(0, 2, 1))  # Q (L, r, ρ), R (L, ρ, B)
+        rho = Q.shape[2]
+        self.rho, self.k = rho, rho * a
+        self.full = rho == r
+        if not self.full and lam <= 0:
+            raise SingularBlockError(
+                f"stagewise (low-rank) sweep: {layers[0].name} has {a * r} parameters but only "
+                f"B*a = {B * a} curvature directions, so its stage pivot Q_uu is singular "
+                "without damping; pass damping > 0 or use method='kkt'.",
+                layer=first_index,
+            )
+        Y = R.transpose(0, 2, 1)  # (L, B, ρ)
+        self.Q, self.Y, self.W, self.d1, self.beta, self.w = Q, Y, W, d1, beta, w
+        self.QT = np.ascontiguousarray(Q.transpose(0, 2, 1))
+        self.YT = np.ascontiguousarray(Y.transpose(0, 2, 1))
+        # Small batches: one (ns + k)-square product per layer on stacked, precomputed
+        # N = D1 [W_blk, G^T]; large batches: Kronecker-structured products per layer
+        # (keeps memory at the stored gains T^-1 R).
+        self.small = B * a <= SMALL_M
+        if self.small:
+            self._precompute_small()
+
+    def _precompute_small(self):
+        L, a, B, k, lam = self.nlayers, self.a, self.B, self.k, self.damping
+        ns, m, dt = self.n_in, self.n_out, self.W.dtype
+        eyeB = np.eye(B, dtype=dt)
+        Wblk = (eyeB[None, :, None, :, None] * self.W[:, None, :, None, :]).reshape(L, m, ns)
+        M = np.concatenate([Wblk, _kron_eye(self.Y, a)], axis=2)
+        self.N = self.d1.reshape(L, m, 1) * M
+        self.Nh = self.N * dt.type(np.sqrt(0.5))
+        K0 = M.transpose(0, 2, 1) @ (self.w.reshape(L, m, 1) * M)
+        Sq = self._Sq(slice(None))
+        K0[:, ns:, :ns] += Sq
+        K0[:, :ns, ns:] += Sq.transpose(0, 2, 1)
+        K0[:, ns:, ns:] += lam * np.eye(k, dtype=dt)
+        if not self.full:
+            K0[:, :ns, :ns] -= self._E(slice(None))
+        self.K0 = K0
+
+    def _Sq(self, sl):
+        """``S_q = U_qᵀ Sel``: ``[(r,i),(s,k)] = Q[k,r] β[s,i]`` for layers ``sl``."""
+        Qz, beta = self.Q[sl, : self.a_in, :], self.beta[sl]
+        out = (
+            Qz.transpose(0, 2, 1)[:, :, None, None, :]
+            * beta.transpose(0, 2, 1)[:, None, :, :, None]
+        )
+        return out.reshape(-1, self.k, self.n_in)
+
+    def _E(self, sl):
+        """``E = λ⁻¹ (ββᵀ) ⊗ (I − Q_z Q_zᵀ)`` for layers ``sl``."""
+        Qz, beta = self.Q[sl, : self.a_in, :], self.beta[sl]
+        P = np.eye(self.a_in, dtype=Qz.dtype) - Qz @ Qz.transpose(0, 2, 1)
+        bb = beta @ beta.transpose(0, 2, 1)
+        E = bb[:, :, None, :, None] * P[:, None, :, None, :]
+        return E.reshape(-1, self.n_in, self.n_in) / self.damping
+
+    # -- factorisation -------------------------------------------------------
+    def factor(self, V):
+        """Backward sweep over the segment; return the value matrix at its input."""
+        V2 = None if V is None else V + V.T  # 2V, symmetrised
+        V2, LUd = (self._factor_small if self.small else self._factor_large)(V2)
+        self._check_pivots(np.abs(LUd))
+        if self.small:
+            # Closed-loop transition Psi = D1 (W_blk - G^T T^-1 R), used by both solve sweeps.
+            ns = self.n_in
+            self.Psi = self.N[:, :, :ns] - self.N[:, :, ns:] @ self.TinvR
+            self.PsiT = np.ascontiguousarray(self.Psi.transpose(0, 2, 1))
+        return 0.5 * V2
+
+    def _factor_large(self, V2):
+        """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``)."""
+        L, ns, k, a, B, m = self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
+        dt = self.W.dtype
+        gesv, potrf, trtrs = get_lapack_funcs(("gesv", "potrf", "trtrs"), (self.W,))
+        # Per layer: ("c", L, L^-1 R) when T is positive definite (Cholesky: half the
+        # flops of LU + GEMM), else ("l", T, T^-1 R).
+        self.fac = [None] * L
+        LUd = np.empty((L, k), dt)
+        lamI = self.damping * np.eye(k, dtype=dt)
+        for j in range(L - 1, -1, -1):
+            W, YT = self.W[j], self.YT[j]
+            d1 = self.d1[j].reshape(m)
+            if V2 is None:
+                C = np.diag(self.w[j].reshape(m))
+            else:
+                C = (0.5 * d1[:, None]) * V2 * d1[None, :]
+                C.flat[:: m + 1] += self.w[j].reshape(m)
+            # C W_blk as one GEMM (a batch of m*B tiny products is slow), Q_ss = W_blk^T C W_blk.
+            CW = (C.reshape(m * B, a) @ W).reshape(m, ns)
+            V2 = (W.T @ CW.reshape(B, a, ns)).reshape(ns, ns)  # Q_ss
+            GC = (YT @ C.reshape(B, a * m)).reshape(k, m)
+            T = (YT @ GC.T.reshape(B, a * k)).reshape(k, k) + lamI  # lam I + G C G^T
+            R = (YT @ CW.reshape(B, a * ns)).reshape(k, ns) + self._Sq(slice(j, j + 1))[0]
+            Lc, info = potrf(T, lower=1, clean=1)
+            if info == 0:
+                Yc, _ = trtrs(Lc, R, lower=1)
+                self.fac[j] = ("c", Lc, Yc)
+                LUd[j] = Lc.diagonal() ** 2
+                V2 -= Yc.T @ Yc
+            else:
+                lu, _, TR, info = gesv(T, R)
+                if info > 0:
+                    raise self._singular(j, "exactly singular")
+                self.fac[j] = ("l", T, TR)
+                LUd[j] = lu.diagonal()
+                V2 -= R.T @ TR
+            if not self.full:
+                V2 -= self._E(slice(j, j + 1))[0]
+            V2 += V2.T
+        return V2, LUd
+
+    def _TR(self, j, s):
+        """``T_j⁻¹ R_j s``."""
+        kind, F, Y = self.fac[j]
+        if kind == "l":
+            return Y @ s
+        return get_lapack_funcs("trtrs", (F,))(F, Y @ s, lower=1, trans=1)[0]
+
+    def _TRt(self, j, x):
+        """``(T_j⁻¹ R_j)ᵀ x``."""
+        kind, F, Y = self.fac[j]
+        if kind == "l":
+            return Y.T @ x
+        return Y.T @ get_lapack_funcs("trtrs", (F,))(F, x, lower=1)[0]
+
+    def _Tinv(self, j, x):
+        kind, F, _ = self.fac[j]
+        if kind == "l":
+            return np.linalg.solve(F, x)
+        return get_lapack_funcs("potrs", (F,))(F, x, lower=1)[0]
+
+    def _factor_small(self, V2):
+        L, ns = self.nlayers, self.n_in
+        N, K0 = self.Nh, self.K0
+        gesv = get_lapack_funcs("gesv", (K0,))
+        Zs = np.empty_like(K0)
+        TinvR = [None] * L
+        LUd = np.empty((L, self.k), K0.dtype)
+        # V2 = V + V^T = 2V (symmetrised); Nh = N / sqrt(2) absorbs the factor 1/2.
+        for j in range(L - 1, -1, -1):
+            Z = Zs[j]
+            if V2 is None:
+                Z[...] = K0[j]
+            else:
+                Nj = N[j]
+                np.matmul(Nj.T, V2 @ Nj, out=Z)
+                Z += K0[j]
+            R = Z[ns:, :ns]
+            lu, _, TR, info = gesv(Z[ns:, ns:], R)
+            if info > 0:
+                raise self._singular(j, "exactly singular")
+            TinvR[j] = TR
+            LUd[j] = lu.diagonal()
+            V2 = Z[:ns, :ns] - R.T @ TR
+            V2 += V2.T  # symmetrise (DESIGN.md, "Numerics that matter")
+        self.T = Zs[:, ns:, ns:]
+        self.TinvR = np.stack(TinvR)
+        return V2, LUd
+
+    def _singular(self, j, detail):
+        ly = self.layers[j]
+        return SingularBlockError(
+            f"stagewise sweep: the stage pivot Q_uu of {ly.name} is {detail}; "
+            "H + damping*I is singular or nearly so in the stagewise ordering. "
+            "Add damping or use method='kkt' (pivoted banded LU).",
+            layer=self.first_index + j,
+        )
+
+    def _check_pivots(self, ud):
+        """Flag stage pivots whose LU diagonal spread says 'numerically singular'."""
+        lam, extra = self.damping, self.pl - self.k
+        big, small = ud.max(axis=1), ud.min(axis=1)
+        if extra:
+            big, small = np.maximum(big, lam), np.minimum(small, lam)
+        eps = np.finfo(ud.dtype).eps
+        bad = ~(small > 10 * eps * big)  # refinement still contracts above this
+        if bad.any():
+            j = int(np.flatnonzero(bad)[-1])  # the sweep runs backward: report where it broke
+            raise self._singular(j, f"numerically singular (pivot ratio {small[j] / big[j]:.1e})")
+        self.logdet = float(np.sum(np.log(ud)) + extra * self.nlayers * np.log(lam or 1.0))
+
+    @property
+    def inertia(self):
+        """Inertia of the stage pivots (batched eigenvalues of the ``T`` stack, on request)."""
+        if self.small:
+            Ts = self.T
+        else:  # Cholesky-factored pivots are positive definite: only LU ones need eigenvalues
+            Ts = [f[1] for f in self.fac if f[0] == "l"]
+        neg = sum(int(np.count_nonzero(np.linalg.eigvalsh(t) < 0)) for t in (Ts,) if len(t))
+        return (neg, 0, self.pl * self.nlayers - neg)
+
+    # -- solves --------------------------------------------------------------
+    # Right-hand sides carry kc columns; per layer the parameters are the matrix
+    # X̃ = [W, c] (a x r) and reduced coordinates are ordered (r, i).
+    def _matrix_form(self, g):
+        """Flat (L p_l, kc) -> X̃ stack (L, kc, a, r)."""
+        L, a, a_in = self.nlayers, self.a, self.a_in
+        g = g.reshape(L, self.pl, -1).transpose(0, 2, 1)
+        kc = g.shape[1]
+        return np.concatenate(
+            [g[:, :, : a * a_in].reshape(L, kc, a, a_in), g[:, :, a * a_in :, None]], axis=3
+        )
+
+    def _to_reduced(self, X):
+        """``U_qᵀ``: (L, kc, a, r) -> (L, k, kc)."""
+        L, kc = X.shape[:2]
+        return _stack_mm(X, self.Q).transpose(0, 3, 2, 1).reshape(L, self.k, kc)
+
+    def _from_reduced(self, eta):
+        """``U_q``: (L, k, kc) -> (L, kc, a, r)."""
+        L, kc = eta.shape[0], eta.shape[2]
+        return _stack_mm(eta.reshape(L, self.rho, self.a, kc).transpose(0, 3, 2, 1), self.QT)
+
+    def _perp(self, X):
+        """``(I − U_q U_qᵀ)`` on (L, kc, a, r)."""
+        return X - _stack_mm(_stack_mm(X, self.Q), self.QT)
+
+    def _bwd_step(self, j, v):
+        """``Ψ_jᵀ v``, ``Ψ = D1 (W_blk − Gᵀ T⁻¹ R)``."""
+        if self.small:
+            return self.PsiT[j] @ v
+        B, a, kc = self.B, self.a, v.shape[1]
+        w = self.d1[j].reshape(-1, 1) * v
+        Ww = (self.W[j].T @ w.reshape(B, a, kc)).reshape(self.n_in, kc)
+        Gw = (self.YT[j] @ w.reshape(B, a * kc)).reshape(self.k, kc)
+        return Ww - self._TRt(j, Gw)
+
+    def _fwd_step(self, j, s):
+        """``Ψ_j s``."""
+        if self.small:
+            return self.Psi[j] @ s
+        B, a, kc = self.B, self.a, s.shape[1]
+        Ws = (self.W[j] @ s.reshape(B, self.a_in, kc)).reshape(self.n_out, kc)
+        t = self._TR(j, s)
+        Gt = (self.Y[j] @ t.reshape(self.rho, a * kc)).reshape(self.n_out, kc)
+        return self.d1[j].reshape(-1, 1) * (Ws - Gt)
+
+    def backward(self, v, g):
+        """Linear-term sweep: ``v_{l-1} = Ψᵀ v_l + T⁻¹R`ᵀ γ_l + λ⁻¹ S_⊥ᵀ g_l``."""
+        L, a, B, k, ns = self.nlayers, self.a, self.B, self.k, self.n_in
+        Xg = self._matrix_form(g)
+        kc = Xg.shape[1]
+        gam = self._to_reduced(Xg)  # U_q^T g_l
+        if self.small:
+            psi = self.TinvR.transpose(0, 2, 1) @ gam
+        else:
+            psi = np.stack([self._TRt(j, gam[j]) for j in range(L)])
+        if not self.full:
+            Xp = self._perp(Xg)[:, :, :, : self.a_in]
+            sig = (self.beta[:, None] @ Xp).transpose(0, 2, 3, 1).reshape(L, ns, kc)
+            psi += sig / self.damping
+        vs = np.zeros((L, self.n_out, kc), g.dtype)
+        top = L - 1
+        if v is None:
+            v, top = psi[top], top - 1
+        if self.small:  # the sequential part: one product and one add per layer
+            PsiT = self.PsiT
+            for j in range(top, -1, -1):
+                vs[j] = v
+                v = PsiT[j] @ v + psi[j]
+        else:
+            for j in range(top, -1, -1):
+                vs[j] = v
+                v = self._bwd_step(j, v) + psi[j]
+        # tau_l = T^-1 (G D1 v_l - gamma_l)
+        dv = (self.d1.reshape(L, -1, 1) * vs).reshape(L, B, a * kc)
+        Gdv = (self.YT @ dv).reshape(L, k, kc)
+        if self.small:
+            tau = np.linalg.solve(self.T, Gdv - gam)  # not an explicit inverse: accuracy
+        else:
+            tau = np.stack([self._Tinv(j, Gdv[j] - gam[j]) for j in range(L)])
+        return v, (Xg, tau)
+
+    def forward(self, s, ctx):
+        """State sweep ``s_l = Ψ s_{l-1} − D1 Gᵀ τ_l``; controls ``u_l``."""
+        Xg, tau = ctx
+        L, a, a_in, B, rho, kc = self.nlayers, self.a, self.a_in, self.B, self.rho, Xg.shape[1]
+        om = (self.Y @ tau.reshape(L, rho, a * kc)).reshape(L, self.n_out, kc)
+        om *= -self.d1.reshape(L, -1, 1)
+        ss = np.zeros((L, self.n_in, kc), Xg.dtype)
+        j0 = 0
+        if s is None:
+            s, j0 = om[0], 1
+        if self.small:
+            Psi = self.Psi
+            for j in range(j0, L):
+                ss[j] = s
+                s = Psi[j] @ s + om[j]
+        else:
+            for j in range(j0, L):
+                ss[j] = s
+                s = self._fwd_step(j, s) + om[j]
+        if self.small:
+            eta = -(self.TinvR @ ss) - tau  # U_q^T u_l
+        else:
+            eta = -np.stack([self._TR(j, ss[j]) for j in range(L)]) - tau
+        U = self._from_reduced(eta)
+        if not self.full:
+            # u_perp = -lam^-1 (I - P)(Sel s - g)
+            sel = np.zeros_like(Xg)
+            sst = ss.reshape(L, B, a_in, kc).transpose(0, 3, 1, 2)  # (L, kc, B, a_in)
+            sel[:, :, :, :a_in] = self.beta.transpose(0, 2, 1)[:, None] @ sst
+            U -= self._perp(sel - Xg) / self.damping
+        u = np.concatenate([U[:, :, :, :a_in].reshape(L, kc, a * a_in), U[:, :, :, a_in]], axis=2)
+        return u.transpose(0, 2, 1).reshape(self.p, kc), s
+
+
+def dense_segments(layers, caches, bs, damping, first_index=1):
+    """Split a run of dense layers into segments of equal shape."""
+    out, start = [], 0
+    for j in range(1, len(layers) + 1):
+        if j == len(layers) or (layers[j].n_in, layers[j].n_out) != (
+            layers[start].n_in,
+            layers[start].n_out,
+        ):
+            out.append(
+                DenseSegment(
+                    layers[start:j], caches[start:j], bs[start:j], damping, first_index + start
+                )
+            )
+            start = j
+    return out
