@@ -1,0 +1,434 @@
+"""The command line ``python -m blockops demo | bench | check`` at small sizes.
+
+Each subcommand runs in-process through ``main([...])`` (and ``check`` once
+through ``subprocess``), writes its JSON and figures where asked, and bad
+arguments give a usage message and exit code 2. The pieces of the CLI that
+compute something of their own (the data task, the optimisers, the slope fit,
+the plain-NumPy reference of ``check``) are checked against independent
+references: the oscillator ODE, closed-form quadratic minimisers, finite
+differences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blockops.__main__ import main
+from blockops.backend import cupy_available
+from blockops.cli import optimizers
+from blockops.cli.check import reference_ggn, reference_hessian, reference_loss_grad
+from blockops.cli.data import damped_oscillator, oscillator
+from blockops.cli.report import fit_slope
+
+EXIT_USAGE = 2
+
+
+# -- usage errors ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["demo", "--depth", "0"],
+        ["demo", "--width", "x"],
+        ["demo", "--damping", "-1"],
+        ["demo", "--budget", "forever"],
+        ["bench", "--widths", "8,a"],
+        ["bench", "--depths", ","],
+        ["bench", "--backend", "torch"],
+        ["check", "--batch", "-3"],
+        ["check", "--no-such-option"],
+    ],
+)
+def test_bad_arguments_give_usage_and_exit_2(argv, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "usage:" in err and "error:" in err
+
+
+@pytest.mark.skipif(cupy_available(), reason="a GPU is present: --backend cupy is valid here")
+def test_cupy_backend_without_gpu_is_a_clear_usage_error(capsys):
+    assert main(["bench", "--backend", "cupy", "--quick"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "usage:" in err and "CUDA GPU" in err
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["bench", "--help"]) == 0
+    assert "--case-time-cap" in capsys.readouterr().out
+
+
+def test_missing_matplotlib_is_reported_before_work(monkeypatch, tmp_path, capsys):
+    from blockops.cli import report
+
+    real = report.has_module
+    monkeypatch.setattr(report, "has_module", lambda name: name != "matplotlib" and real(name))
+    assert main(["demo", "--quick", "--plain", "--out", str(tmp_path)]) == 3
+    assert "blockops[bench]" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_check_runs_without_rich(monkeypatch, capsys):
+    from blockops.cli import report
+
+    real = report.has_module
+    monkeypatch.setattr(report, "has_module", lambda name: name != "rich" and real(name))
+    assert main(["check", "--depth", "2", "--width", "2", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "== blockops check ==" in out and "PASS" in out  # the plain-text layout
+
+
+# -- the subcommands ---------------------------------------------------------------------------
+def test_check_in_process_writes_json(tmp_path, capsys):
+    pytest.importorskip("rich")
+    path = tmp_path / "sub" / "check.json"
+    assert main(["check", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    doc = json.loads(path.read_text())
+    assert doc["failed"] == 0 and len(doc["checks"]) >= 8
+    assert all(c["passed"] for c in doc["checks"])
+    assert "numpy" in doc["environment"]["backends"]
+
+
+def test_check_as_subprocess():
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockops", "check", "--plain", "--depth", "3", "--width", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all" in proc.stdout and "checks passed" in proc.stdout
+    assert "FAIL" not in proc.stdout
+
+
+def test_check_fails_with_exit_1_when_a_check_fails(monkeypatch, tmp_path, capsys):
+    # corrupt the code under test: the Hessian operator returns twice H v
+    from blockops.cli import check
+
+    real = check.hessian_operator
+
+    def doubled(point, damping=0.0, kind="hessian", form="fused"):
+        return 2.0 * real(point, damping=damping, kind=kind, form=form)
+
+    monkeypatch.setattr(check, "hessian_operator", doubled)
+    path = tmp_path / "c.json"
+    assert main(["check", "--plain", "--depth", "3", "--width", "2", "--json", str(path)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    result = {c["check"]: c["passed"] for c in json.loads(path.read_text())["checks"]}
+    assert result["loss vs plain NumPy"] and result["gradient vs plain NumPy backprop"]
+    assert not result["H v (fused) vs finite-difference Hessian"]
+    assert not result["H v (literal) vs finite-difference Hessian"]
+
+
+def test_demo_quick_writes_json_and_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    argv = [
+        "demo",
+        "--quick",
+        "--plain",
+        "--out",
+        str(out),
+        "--depths",
+        "4,8,12",
+        "--steps",
+        "3",
+        "--newton-time",
+        "600",
+    ]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "MINRES" in text and "Adam" in text
+    for name in ("demo.json", "loss_curves.png", "time_vs_depth.png"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "loss_curves.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / "demo.json").read_text())
+    assert doc["point"]["residual"] < 1e-10
+    kry = doc["krylov"]
+    assert kry["GMRES + exact (H+λI)^-1"]["residual"] < 1e-10  # exact preconditioner
+    assert kry["GMRES + exact (H+λI)^-1"]["iterations"] <= 2
+    assert kry["CG"]["residual"] < 1e-6  # the damped Gauss-Newton system is PD
+    assert 1 <= kry["MINRES"]["iterations"] <= 100
+    opt = doc["optimizers"]
+    names = [o["name"] for o in opt]
+    assert names[0] == "exact damped Newton (LM)" and names[-2:] == ["gradient descent", "Adam"]
+    assert set(names[1:-2]) <= {"exact Gauss-Newton (LM)"}  # when the build has kind="ggn"
+    assert len({o["loss"][0] for o in opt}) == 1  # same start
+    newton = opt[0]
+    assert newton["steps"] == 3 and newton["loss"][-1] <= newton["loss"][0]
+    # the main network (quick depth 24) is always one of the points
+    assert [r["depth"] for r in doc["depth_scaling"]["records"]] == [4, 8, 12, 24]
+
+
+def test_demo_same_step_budget_without_figures(tmp_path):
+    out = tmp_path / "d2"
+    argv = [
+        "demo",
+        "--quick",
+        "--plain",
+        "--no-figures",
+        "--budget",
+        "steps",
+        "--steps",
+        "2",
+        "--newton-time",
+        "600",
+        "--depth",
+        "6",
+        "--depths",
+        "6",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert sorted(os.listdir(out)) == ["demo.json"]
+    doc = json.loads((out / "demo.json").read_text())
+    assert {o["steps"] for o in doc["optimizers"]} == {2}
+
+
+def test_bench_quick_writes_json_and_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    argv = [
+        "bench",
+        "--quick",
+        "--depths",
+        "4,8",
+        "--widths",
+        "3",
+        "--batches",
+        "1,2",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "slopes" in capsys.readouterr().out.lower()
+    doc = json.loads((out / "bench.json").read_text())
+    recs = doc["records"]
+    assert {(r["batch"], r["depth"]) for r in recs} == {(1, 4), (1, 8), (2, 4), (2, 8)}
+    for r in recs:
+        assert r["residual"] < 1e-10
+        assert r["minres_iterations"] >= 1
+        assert min(r[k] for k in ("gradient", "hvp", "factor", "solve")) > 0
+    assert (out / "bench_scaling.png").stat().st_size > 0
+
+
+def test_bench_time_cap_skips_larger_depths(tmp_path):
+    # the first depth always runs; any later one is predicted to exceed a 1 ns cap
+    out = tmp_path / "b2"
+    argv = [
+        "bench",
+        "--plain",
+        "--no-figures",
+        "--depths",
+        "4,8,4096",
+        "--widths",
+        "2",
+        "--batches",
+        "1",
+        "--repeat",
+        "1",
+        "--case-time-cap",
+        "1e-9",
+        "--minres-time-cap",
+        "1e-9",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert [r["depth"] for r in doc["records"]] == [4]
+    assert {s["depth"] for s in doc["skipped"]} == {8, 4096}
+
+
+def test_bench_prediction_is_linear_in_depth():
+    from blockops.cli.bench import _predicted
+
+    last = {"depth": 64, "factor": 1.0, "solve": 0.5, "minres": None}
+    assert _predicted(None, 128, ("factor",)) == 0.0
+    assert _predicted(last, 256, ("factor", "solve", "minres")) == pytest.approx(6.0)
+
+
+# -- the CLI's own computations, against independent references --------------------------------
+def test_oscillator_solves_its_ode():
+    zeta = np.array([0.05, 0.2, 0.5])
+    h = 1e-4
+    t = np.linspace(0.5, 10.0, 7)[:, None]
+    u = oscillator(t, zeta)
+    du = (oscillator(t + h, zeta) - oscillator(t - h, zeta)) / (2 * h)
+    d2u = (oscillator(t + h, zeta) - 2 * u + oscillator(t - h, zeta)) / h**2
+    w0 = 1.5
+    np.testing.assert_allclose(d2u + 2 * zeta * w0 * du + w0**2 * u, 0.0, atol=1e-5)
+    np.testing.assert_allclose(oscillator(np.zeros(3), zeta), 1.0, rtol=1e-15)
+    np.testing.assert_allclose(
+        (oscillator(np.full(3, h), zeta) - oscillator(np.full(3, -h), zeta)) / (2 * h),
+        0.0,
+        atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_task_shapes_range_and_seed(dtype):
+    a, b = damped_oscillator(9, seed=3, dtype=dtype), damped_oscillator(9, seed=3, dtype=dtype)
+    assert a.X.shape == (9, 2) and a.y.shape == (9, 1) and a.X.dtype == dtype
+    assert np.all(np.abs(a.X) <= 1.0) and np.array_equal(a.X, b.X)
+    assert not np.array_equal(a.X, damped_oscillator(9, seed=4).X.astype(dtype))
+    with pytest.raises(ValueError, match="n_samples"):
+        damped_oscillator(0)
+
+
+class _Quadratic:
+    """f(x) = ½ xᵀ A x - bᵀ x with minimiser A⁻¹ b (closed form, by numpy.linalg)."""
+
+    def __init__(self, n=6, seed=0):
+        rng = np.random.default_rng(seed)
+        Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+        self.A = Q @ np.diag(np.linspace(1.0, 10.0, n)) @ Q.T
+        self.b = rng.standard_normal(n)
+        self.xstar = np.linalg.solve(self.A, self.b)
+        self.fstar = -0.5 * self.b @ self.xstar
+
+    def __call__(self, x):
+        class P:
+            pass
+
+        p = P()
+        p.gradient = self.A @ x - self.b
+        p.loss = 0.5 * x @ self.A @ x - self.b @ x - self.fstar  # 0 at the minimiser
+        return p
+
+
+def test_gradient_descent_and_adam_decrease_a_quadratic():
+    f = _Quadratic()
+    x0 = np.zeros(6)
+    x0_copy = x0.copy()
+    x, h = optimizers.gradient_descent(f, x0, lr=0.1, max_steps=200)
+    assert h.steps == 200 and len(h.time) == 201
+    np.testing.assert_allclose(x, f.xstar, atol=1e-6)
+    x, h = optimizers.adam(f, x0, lr=0.05, max_steps=2000)
+    assert h.final_loss < 1e-3 * h.loss[0]
+    np.testing.assert_array_equal(x0, x0_copy)
+
+
+def test_time_budget_stops_early():
+    f = _Quadratic()
+    _, h = optimizers.gradient_descent(f, np.zeros(6), lr=0.1, max_steps=10**9, time_budget=0.02)
+    assert 1 <= h.steps < 10**9 and h.time[-1] >= 0.02
+
+
+def test_damped_newton_converges_like_newton_on_a_quadratic():
+    f = _Quadratic()
+
+    def direction(point, lam):  # exact (A + λI)⁻¹ g by numpy.linalg
+        return np.linalg.solve(f.A + lam * np.eye(6), point.gradient)
+
+    x, h = optimizers.damped_newton(f, direction, np.zeros(6), damping=1e-3, max_steps=4)
+    # the last trial may be rejected: at the minimiser the decrease is round-off
+    assert all(h.notes["accepted"][:3])
+    np.testing.assert_allclose(x, f.xstar, rtol=1e-8)
+    # λ falls on the quadratic (ρ ≈ 1: the model is exact up to the damping)
+    assert h.notes["damping"][-1] < h.notes["damping"][0]
+
+
+def test_damped_newton_rejects_a_bad_step_and_raises_damping():
+    f = _Quadratic()
+
+    def overshoot(point, lam):  # 3 x the Newton step: predicted decrease > 0, loss rises
+        return 3.0 * np.linalg.solve(f.A, point.gradient)
+
+    x, h = optimizers.damped_newton(f, overshoot, np.zeros(6), damping=1.0, max_steps=3)
+    assert h.notes["accepted"] == [False, False, False] and h.notes["indefinite"] == 0
+    assert h.notes["damping"] == [1.0, 10.0, 100.0]  # Marquardt: tenfold after a rejection
+    np.testing.assert_array_equal(x, np.zeros(6))
+    assert h.loss == [h.loss[0]] * 4
+
+    def uphill(point, lam):  # predicted ½(gᵀd + λ‖d‖²) < 0 while λ < 1000
+        return -1e-3 * point.gradient
+
+    x, h = optimizers.damped_newton(f, uphill, np.zeros(6), damping=1.0, max_steps=3)
+    assert h.notes["indefinite"] == 3 and h.notes["damping"] == [1.0, 10.0, 100.0]
+    np.testing.assert_array_equal(x, np.zeros(6))
+
+
+def test_fit_slope_recovers_power_law():
+    d = np.array([64, 128, 256, 512])
+    assert fit_slope(d, 3e-5 * d**1.5) == pytest.approx(1.5, abs=1e-12)
+    assert fit_slope([64], [1.0]) is None
+    assert fit_slope([64, 128], [None, 1.0]) is None
+
+
+def test_check_reference_gradient_and_hessian_against_finite_differences():
+    rng = np.random.default_rng(1)
+    sizes = [2, 3, 3, 1]
+    n = sum(a * (b + 1) for b, a in itertools.pairwise(sizes))
+    x = rng.standard_normal(n)
+    X, y = rng.standard_normal((4, 2)), rng.standard_normal((4, 1))
+    loss, grad = reference_loss_grad(x, sizes, X, y)
+    h = 1e-6
+    fd = np.array(
+        [
+            (
+                reference_loss_grad(x + h * e, sizes, X, y)[0]
+                - reference_loss_grad(x - h * e, sizes, X, y)[0]
+            )
+            / (2 * h)
+            for e in np.eye(n)
+        ]
+    )
+    np.testing.assert_allclose(grad, fd, atol=1e-8)
+    H = reference_hessian(x, sizes, X, y)
+    np.testing.assert_allclose(H, H.T, atol=0)
+    # second differences of the loss along random directions: vᵀ H v
+    for v in rng.standard_normal((3, n)):
+        hh = 1e-4
+        q = (
+            reference_loss_grad(x + hh * v, sizes, X, y)[0]
+            - 2 * loss
+            + reference_loss_grad(x - hh * v, sizes, X, y)[0]
+        ) / hh**2
+        assert v @ H @ v == pytest.approx(q, rel=1e-5, abs=1e-6)
+
+
+def test_damped_newton_raises_damping_while_indefinite():
+    f = _Quadratic()
+    calls = []
+
+    def direction(point, lam):  # pretend H + λI is indefinite below λ = 1
+        calls.append(lam)
+        if lam < 1.0:
+            return None
+        return np.linalg.solve(f.A + lam * np.eye(6), point.gradient)
+
+    _, h = optimizers.damped_newton(f, direction, np.zeros(6), damping=0.01, max_steps=3)
+    assert calls[:3] == pytest.approx([0.01, 0.1, 1.0])
+    assert h.notes["indefinite"] == 2 and h.notes["accepted"] == [False, False, True]
+    assert h.loss[0] == h.loss[1] == h.loss[2] > h.loss[3]
+
+
+def test_check_reference_ggn_equals_hessian_of_a_linear_model():
+    # a linear model with MSE has zero output curvature: H = Jᵀ J / B exactly, and
+    # for z = W x + c the Jacobian is known in closed form
+    rng = np.random.default_rng(2)
+    sizes = [3, 2]
+    x = rng.standard_normal(2 * 3 + 2)
+    X, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    G = reference_ggn(x, sizes, X)
+    Xt = np.hstack([X, np.ones((5, 1))])  # per output i: d z_i / d (W_i, c_i) = [x, 1]
+    J = np.zeros((5, 2, 8))
+    J[:, 0, [0, 1, 2, 6]] = Xt
+    J[:, 1, [3, 4, 5, 7]] = Xt
+    J = J.reshape(10, 8)
+    np.testing.assert_allclose(G, J.T @ J / 5, atol=1e-9)
+    np.testing.assert_allclose(reference_hessian(x, sizes, X, y), G, atol=1e-8)
