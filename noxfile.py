@@ -25,7 +25,9 @@ def tests(session: nox.Session, backend: str) -> None:
     extras = "test"
     if backend == "cupy":
         if not _gpu_present():
-            session.skip("CuPy tests need a CUDA GPU (nvidia-smi not found); NumPy suite unaffected")
+            session.skip(
+                "CuPy tests need a CUDA GPU (nvidia-smi not found); NumPy suite unaffected"
+            )
         extras = "test,gpu"
     session.install("-e", f".[{extras}]")
     session.env["BLOCKOPS_TEST_BACKEND"] = backend

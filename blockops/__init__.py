@@ -2,12 +2,68 @@
 
 The Hessian ``H`` of a pipeline ``z_l = f_l(z_{l-1}; x_l)`` and its exact
 inverse are composable :class:`pylops.LinearOperator` objects built from the
-named pieces of eq. 24 of Rahimi (2025); see ``DESIGN.md`` and the docs.
+named pieces of eq. 24 of Rahimi (2025); see the docs' derivation page.
+
+>>> import blockops as bo
+>>> net = bo.Pipeline([bo.Dense(3, 8), bo.Dense(8, 2, "identity"), bo.MSELoss()])
+
+``blockops.hessian`` is the subpackage; the operator factory is
+``blockops.hessian.hessian(point, damping=..., form=..., kind=...)``.
 """
 
-from . import backend
+from . import backend, operators, solvers
 from ._checks import SingularBlockError
+from .hessian import (
+    FusedHessian,
+    InverseHessian,
+    hessian_parts,
+    hvp,
+    inverse_hessian,
+    literal_hessian,
+    woodbury_inverse,
+)
+from .network import (
+    AuxiliaryScalarLoss,
+    Bias,
+    CustomLoss,
+    Dense,
+    Elementwise,
+    Layer,
+    MSELoss,
+    Pipeline,
+    Point,
+    Residual,
+    Scale,
+    SoftmaxCrossEntropy,
+    activation,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["SingularBlockError", "__version__", "backend"]
+__all__ = [
+    "AuxiliaryScalarLoss",
+    "Bias",
+    "CustomLoss",
+    "Dense",
+    "Elementwise",
+    "FusedHessian",
+    "InverseHessian",
+    "Layer",
+    "MSELoss",
+    "Pipeline",
+    "Point",
+    "Residual",
+    "Scale",
+    "SingularBlockError",
+    "SoftmaxCrossEntropy",
+    "__version__",
+    "activation",
+    "backend",
+    "hessian_parts",
+    "hvp",
+    "inverse_hessian",
+    "literal_hessian",
+    "operators",
+    "solvers",
+    "woodbury_inverse",
+]

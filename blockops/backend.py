@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 BACKENDS = ("numpy", "cupy")
-_cupy: ModuleType | None | bool = False  # False: not probed yet; None: not usable
+_cupy: ModuleType | bool | None = False  # False: not probed yet; None: not usable
 
 
 def _probe_cupy() -> ModuleType | None:
@@ -90,7 +90,9 @@ def xp_for(backend: str) -> ModuleType:
     if backend == "cupy":
         cp = _probe_cupy()
         if cp is None:
-            raise RuntimeError("blockops: backend 'cupy' requested but CuPy or a CUDA GPU is absent")
+            raise RuntimeError(
+                "blockops: backend 'cupy' requested but CuPy or a CUDA GPU is absent"
+            )
         return cp
     raise ValueError(f"blockops: unknown backend {backend!r}; expected one of {BACKENDS}")
 

@@ -5,6 +5,7 @@ and ``DESIGN.md`` for the parameter layouts.
 """
 
 from .activations import ACTIVATIONS, Activation, activation, get_activation
+from .auxiliary import AuxiliaryScalarLoss
 from .dense import Dense
 from .elementwise import Bias, Elementwise, Scale
 from .layer import Cache, Layer
@@ -15,6 +16,7 @@ from .residual import Residual
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "AuxiliaryScalarLoss",
     "Bias",
     "Cache",
     "CustomLoss",
