@@ -36,7 +36,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "readme_draft.md", "**/*.ipynb"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**/*.ipynb"]
 source_suffix = {".rst": "restructuredtext"}
 root_doc = "index"
 
