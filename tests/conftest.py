@@ -45,8 +45,3 @@ def xp():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
-
-
-requires_cupy = pytest.mark.skipif(
-    not cupy_available(), reason="CuPy with a CUDA GPU is not available on this machine"
-)

@@ -6,6 +6,7 @@ import numpy as np
 import pylops
 import pytest
 import scipy.sparse.linalg as spla
+from _helpers import bname, dot_test, tol
 from hypothesis import given
 from hypothesis import strategies as st
 from pylops.utils import dottest
@@ -17,35 +18,12 @@ from blockops.operators import BlockDiagonal, Partitioned2x2, Woodbury
 DTYPES = [np.float32, np.float64]
 
 
-def bname(xp):
-    return "numpy" if xp is np else "cupy"
-
-
 def well_conditioned(rng, n, dtype):
     return (rng.standard_normal((n, n)) / np.sqrt(n) + 2 * np.eye(n)).astype(dtype)
 
 
 def rel(a, b):
     return np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def tol(dtype, n=None):
-    """Loose per-dtype tolerance, or the rounding bound ``20 n eps`` when ``n`` is given."""
-    if n is not None:
-        return 20 * n * np.finfo(dtype).eps
-    return 1e-4 if dtype == np.float32 else 1e-11
-
-
-def dot_test(op, xp, dtype, scale):
-    """``pylops.utils.dottest`` with the rounding bound as tolerance.
-
-    ``|v.(Op u) - (Op^T v).u| <= c n eps |v| |Op| |u|``; ``scale`` is the
-    Frobenius norm of the dense reference (so near-cancelling inner products
-    do not fail a purely relative test in float32).
-    """
-    m, n = op.shape
-    atol = tol(dtype, m + n) * scale * np.sqrt(m * n)
-    dottest(op, rtol=tol(dtype, m + n), atol=atol, backend="numpy" if xp is np else "cupy")
 
 
 @st.composite

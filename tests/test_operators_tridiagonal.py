@@ -6,35 +6,15 @@ import numpy as np
 import pylops
 import pytest
 import scipy.sparse.linalg as spla
+from _helpers import bname, dot_test, tol
 from hypothesis import given
 from hypothesis import strategies as st
-from pylops.utils import dottest
 
 from blockops import SingularBlockError
 from blockops.backend import to_numpy
 from blockops.operators import BlockTridiagonal
 
 DTYPES = [np.float32, np.float64]
-
-
-def tol(dtype, n):
-    return 20 * max(n, 1) * np.finfo(dtype).eps
-
-
-def dot_test(op, xp, dtype, scale):
-    """``pylops.utils.dottest`` with the rounding bound as tolerance.
-
-    ``|v.(Op u) - (Op^T v).u| <= c n eps |v| |Op| |u|``; ``scale`` is the
-    Frobenius norm of the dense reference (so near-cancelling inner products
-    do not fail a purely relative test in float32).
-    """
-    m, n = op.shape
-    atol = tol(dtype, m + n) * scale * np.sqrt(m * n)
-    dottest(op, rtol=tol(dtype, m + n), atol=atol, backend="numpy" if xp is np else "cupy")
-
-
-def bname(xp):
-    return "numpy" if xp is np else "cupy"
 
 
 def dense_tridiag(lower, diag, upper):

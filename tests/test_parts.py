@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 import scipy.linalg
 from pylops.utils import dottest
 
 from blockops.hessian import hessian_parts
-from tests import reference as ref
 
 jax.config.update("jax_enable_x64", True)
 
