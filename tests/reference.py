@@ -87,15 +87,46 @@ def spec_of(obj) -> list:
     return obj.spec() if hasattr(obj, "spec") else list(obj)
 
 
+# JAX differentiates tanh as 1 - tanh² and sigmoid as s (1 - s): both cancel
+# when the unit saturates (relative error eps / (1 - tanh²), 3e-10 seen at a
+# tanh input of 7.3 against 40-digit mpmath). The reference must be more
+# accurate than the code it checks, so these define the derivatives in forms
+# without cancellation; autodiff of those gives accurate second derivatives.
+def _sech2(t):
+    e = jnp.exp(-2.0 * jnp.abs(t))
+    return 4.0 * e / (1.0 + e) ** 2
+
+
+@jax.custom_jvp
+def _tanh(t):
+    return jnp.tanh(t)
+
+
+_tanh.defjvp(lambda p, d: (_tanh(p[0]), _sech2(p[0]) * d[0]))
+
+
+@jax.custom_jvp
+def _sigmoid(t):
+    return jax.nn.sigmoid(t)
+
+
+_sigmoid.defjvp(lambda p, d: (_sigmoid(p[0]), _sigmoid(p[0]) * _sigmoid(-p[0]) * d[0]))
+
+
+def _gelu_tanh(t):
+    # 0.5 t (1 + tanh(u)) = t sigmoid(2u), u = sqrt(2/pi) (t + 0.044715 t³)
+    return t * _sigmoid(2.0 * jnp.sqrt(2.0 / jnp.pi) * (t + 0.044715 * t**3))
+
+
 def _act(spec_l):
     name = spec_l["activation"]
     if spec_l.get("functions") is not None:
         return spec_l["functions"][0]
     return {
-        "tanh": jnp.tanh,
-        "sigmoid": jax.nn.sigmoid,
+        "tanh": _tanh,
+        "sigmoid": _sigmoid,
         "softplus": jax.nn.softplus,
-        "gelu": lambda t: jax.nn.gelu(t, approximate=True),
+        "gelu": _gelu_tanh,
         "identity": lambda t: t,
     }[name]
 

@@ -57,29 +57,41 @@ class Activation:
         return f"Activation({self.name!r})"
 
 
+# Derivatives are written without cancellation: 1 - tanh² and s (1 - s) lose
+# all digits when a unit saturates (relative error eps / (1 - tanh²): 2e-11 in
+# a Hessian at a tanh input of 7.3, against 40-digit mpmath). With
+# e = exp(-2|t|), sech²(t) = 4e / (1 + e)² is exact to rounding everywhere.
+def _sech2(xp, t):
+    e = xp.exp(-2.0 * xp.abs(t))
+    return (4.0 * e) / ((1.0 + e) * (1.0 + e))
+
+
 def _tanh(t):
     xp = get_array_module(t)
     f = xp.tanh(t)
-    d1 = f * f
-    xp.subtract(1.0, d1, out=d1)  # 1 - f², in place: few temporaries per layer
-    d2 = f * d1
-    d2 *= -2.0
-    return f, d1, d2
+    d1 = _sech2(xp, t)
+    return f, d1, -2.0 * f * d1
+
+
+def _sigmoid_parts(xp, t):
+    """``σ(t)``, ``σ'(t) = σ(t) σ(-t)`` and ``tanh(t/2) = σ(t) - σ(-t)``, all cancellation-free."""
+    th = xp.tanh(0.5 * t)
+    d1 = 0.25 * _sech2(xp, 0.5 * t)  # σ' = sech²(t/2) / 4
+    f = xp.exp(-xp.logaddexp(t.dtype.type(0), -t))  # 1 / (1 + e^-t) without overflow
+    return f, d1, th
 
 
 def _sigmoid(t):
     xp = get_array_module(t)
-    # 0.5 (1 + tanh(t/2)) never overflows, unlike 1 / (1 + exp(-t))
-    f = 0.5 + 0.5 * xp.tanh(0.5 * t)
-    d1 = f * (1.0 - f)
-    return f, d1, d1 * (1.0 - 2.0 * f)
+    f, d1, th = _sigmoid_parts(xp, t)
+    return f, d1, -d1 * th  # σ'' = σ' (1 - 2σ) = -σ' tanh(t/2)
 
 
 def _softplus(t):
     xp = get_array_module(t)
     f = xp.logaddexp(t.dtype.type(0), t)  # log(1 + e^t) without overflow
-    s = 0.5 + 0.5 * xp.tanh(0.5 * t)
-    return f, s, s * (1.0 - s)
+    s, ds, _ = _sigmoid_parts(xp, t)
+    return f, s, ds
 
 
 def _gelu(t):
@@ -89,9 +101,10 @@ def _gelu(t):
     du = _GELU_C * (1.0 + 3.0 * _GELU_A * t2)
     d2u = (6.0 * _GELU_C * _GELU_A) * t
     th = xp.tanh(u)
-    sech2 = 1.0 - th * th
-    f = 0.5 * t * (1.0 + th)
-    d1 = 0.5 * (1.0 + th) + 0.5 * t * sech2 * du
+    sech2 = _sech2(xp, u)
+    half_1p = xp.exp(-xp.logaddexp(t.dtype.type(0), -2.0 * u))  # (1 + tanh u)/2 = σ(2u)
+    f = t * half_1p
+    d1 = half_1p + 0.5 * t * sech2 * du
     d2 = sech2 * (du + 0.5 * t * (d2u - 2.0 * th * du * du))
     return f, d1, d2
 
