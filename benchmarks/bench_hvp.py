@@ -14,7 +14,21 @@ Deep, narrow dense tanh pipelines (width 16) with an MSE loss, float64, batch
   vectors and the explicit ``D_x`` in flight).
 
 Aims: fused HVP <= 4x a gradient; literal <= 3x the fused HVP. Ratios are
-reported, never asserted. Run::
+reported, never asserted.
+
+Fused HVP before/after the fused layer steps (``Dense.jvp_keep`` /
+``Dense.hvp_vjp``: the backward step reuses the forward's pre-activation
+derivative and pushes ``hvp`` and ``vjp`` through one adjoint, written in
+place), minimum of 15 (depth 1024) or 5 (depth 4096) runs, one direction,
+on a shared 2-core CPU (+-20 %)::
+
+    batch depth   HVP before   HVP after   gradient (unchanged)
+        1  1024      52.0 ms     35.3 ms    ~30 ms
+       32  1024      82.5 ms     60.8 ms    ~54 ms
+        1  4096     218.5 ms    156.5 ms   ~130 ms
+       32  4096     323.7 ms    241.4 ms   ~220 ms
+
+Run::
 
     python -m pytest benchmarks/bench_hvp.py --benchmark-only
     python benchmarks/bench_hvp.py [--quick]

@@ -44,16 +44,25 @@ class Residual(Dense):
         cache.z = z_prev + self.h * cache.z
         return cache
 
-    def jvp(self, cache, dz_prev, dx):
-        out = self.h * super().jvp(cache, dz_prev, dx)
-        return out if dz_prev is None else out + dz_prev
+    # jvp and hvp are Dense's: they check the inputs and call the two methods below
+
+    def jvp_keep(self, cache, dz_prev, dx):
+        dz, dpre = super().jvp_keep(cache, dz_prev, dx)
+        dz *= self.h
+        if dz_prev is not None:
+            dz += dz_prev
+        return dz, dpre
 
     def vjp(self, cache, b):
         bz, bx = super().vjp(cache, self.h * b)
         return bz + b, bx
 
-    def hvp(self, cache, b, dz_prev, dx):
-        return super().hvp(cache, self.h * b, dz_prev, dx)
+    def hvp_vjp(self, cache, b, dz_prev, dx, bprime=None, dpre=None, out=None):
+        hb = None if bprime is None else self.h * bprime
+        hz, hx = super().hvp_vjp(cache, self.h * b, dz_prev, dx, hb, dpre, out)
+        if bprime is not None:
+            hz += bprime
+        return hz, hx
 
     def jacobian_z(self, cache):
         xp = get_array_module(cache.z_prev)
