@@ -9,6 +9,7 @@ and nothing here fails when it is absent.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Any
@@ -21,9 +22,11 @@ __all__ = [
     "as_backend",
     "available_backends",
     "cupy_available",
+    "generic_linalg",
     "get_array_module",
     "get_linalg",
     "get_sparse_linalg",
+    "host_lapack",
     "is_cupy_array",
     "same_backend",
     "to_numpy",
@@ -133,3 +136,30 @@ def get_sparse_linalg(xp: ModuleType) -> ModuleType:
     if xp is np:
         return importlib.import_module("scipy.sparse.linalg")
     return importlib.import_module("cupyx.scipy.sparse.linalg")
+
+
+# -- generic (any-backend) factorisations -------------------------------------
+# The exact-inverse factorisations use host LAPACK kernels (``sytrf``, ``gbtrf``,
+# ``potrf`` via ``scipy.linalg.lapack``) on NumPy and backend-generic ones
+# (``xp.linalg.solve`` / ``lu_factor`` / ``eigvalsh`` / block QR) elsewhere.
+# ``generic_linalg()`` selects the generic kernels on NumPy too (tests, timings).
+_force_generic = False
+
+
+def host_lapack(xp: ModuleType) -> bool:
+    """True when ``scipy.linalg.lapack`` kernels apply to arrays of ``xp``.
+
+    False on CuPy, and on NumPy inside :func:`generic_linalg`.
+    """
+    return xp is np and not _force_generic
+
+
+@contextlib.contextmanager
+def generic_linalg(enabled: bool = True):
+    """Context manager: factor with the backend-generic kernels even on NumPy."""
+    global _force_generic
+    old, _force_generic = _force_generic, bool(enabled)
+    try:
+        yield
+    finally:
+        _force_generic = old

@@ -8,6 +8,14 @@ record the true relative residual ``‖b − A x_k‖ / ‖b‖`` per iteration 
 extra product per iteration; ``history=False`` skips it) and return a
 :class:`SolveResult`.
 
+Host-device traffic: on CuPy the operator products, the preconditioner and
+the residual record stay on the device; the record is copied to the host once,
+after the solve (``residuals``), and ``‖b‖`` is the one scalar read before it.
+The convergence test inside ``cupyx.scipy.sparse.linalg`` itself reads one
+scalar per iteration (the library's own loop; not avoidable from here). The
+tolerance keyword is passed as ``rtol`` or, to the CuPy solvers that still
+call it so (``minres``; ``cg`` before CuPy 14), ``tol``.
+
 Which preconditioner fits which solver (``M`` approximates ``A⁻¹``):
 
 * **CG** needs ``A`` and ``M`` symmetric positive definite: use it for
@@ -28,6 +36,7 @@ Which preconditioner fits which solver (``M`` approximates ``A⁻¹``):
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,18 +104,29 @@ def _run(name, A, b, x0, M, rtol, maxiter, history, **kw):
     Aop = _as_operator(sla, A, n, dtype)
     Mop = _as_operator(sla, M, n, dtype)
     nb = float(xp.linalg.norm(b)) or 1.0
-    residuals: list = []
+    residuals: list = []  # device scalars until the solve ends
     count = [0]
 
     def callback(xk):
         count[0] += 1
         if history:
-            residuals.append(float(xp.linalg.norm(b - Aop.matvec(xk))) / nb)
+            residuals.append(xp.linalg.norm(b - Aop.matvec(xk)))
 
     t0 = time.perf_counter()
     solver = getattr(sla, name)
-    x, info = solver(Aop, b, x0=x0, rtol=rtol, maxiter=maxiter, M=Mop, callback=callback, **kw)
-    return SolveResult(x, int(info), count[0], residuals, time.perf_counter() - t0)
+    kw[_tol_keyword(solver)] = rtol
+    x, info = solver(Aop, b, x0=x0, maxiter=maxiter, M=Mop, callback=callback, **kw)
+    record = (xp.stack(residuals) / nb).tolist() if residuals else []  # one copy to the host
+    return SolveResult(x, int(info), count[0], record, time.perf_counter() - t0)
+
+
+def _tol_keyword(solver):
+    """``'rtol'`` (SciPy, newer CuPy) or ``'tol'`` (older CuPy signatures)."""
+    try:
+        params = inspect.signature(solver).parameters
+    except (TypeError, ValueError):  # pragma: no cover - compiled callables
+        return "rtol"
+    return "rtol" if "rtol" in params or "tol" not in params else "tol"
 
 
 def cg(A, b, x0=None, M=None, rtol=1e-8, maxiter=None, history=True):

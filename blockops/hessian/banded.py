@@ -26,6 +26,14 @@ leaves ``H + λI`` with ``|det M| = 1``: ``|det KKT| = |det(H + λI)|``, so
 ``log|det(H + λI)|`` is the sum of ``log|U_ii|`` of the LU factor. The LU
 factor does not give the inertia (only the sign of the determinant);
 :class:`~blockops.hessian.kkt.InverseHessian` takes it from the stagewise sweep.
+
+Backends: ``gbtrf`` is host LAPACK. On CuPy (or NumPy inside
+:func:`blockops.backend.generic_linalg`) the same lifted matrix is assembled
+as a :class:`~blockops.operators.BlockTridiagonal` with one block row per layer
+``(dx_l, μ_l, dz_l)`` and factored by block elimination with a QR of each
+2-block panel (``factor(method="block")``): orthogonal steps need no
+pivoting, ``|det KKT| = Π |diag R_kk|`` gives ``log|det|``, and a breakdown
+raises the same :class:`~blockops.SingularBlockError` (``BandedKKT: ...``).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import numpy as np
 import scipy.linalg.lapack as lapack
 
 from .._checks import SingularBlockError
+from ..backend import get_array_module, host_lapack
 
 __all__ = ["BandedKKT"]
 
@@ -55,21 +64,22 @@ class BandedKKT:
         layers, caches, bs = point.layers, point.caches, point.bs
         dt = np.dtype(dtype or point.dtype)
         self.layers, self.damping, self.dtype = layers, float(damping), dt
+        self.xp = xp = get_array_module(*(c.z_prev for c in caches))
         Bn = point.batch_size
         blocks, offs, pos = [], [], 0
         self.xidx = []  # where each layer's dx_l sits in the lifted vector
         for ly, c, b in zip(layers, caches, bs):
             p, n_in, n_out = ly.n_params, Bn * ly.n_in, Bn * ly.n_out
-            A = np.asarray(ly.jacobian_z(c), dt)
-            Bx = np.asarray(ly.jacobian_x(c), dt).reshape(n_out, p)
+            A = xp.asarray(ly.jacobian_z(c), dt)
+            Bx = xp.asarray(ly.jacobian_x(c), dt).reshape(n_out, p)
             Kzz, Kxz, Kxx = ly.hessian_blocks(c, b)
             blocks.append(
                 (
                     A,
                     Bx,
-                    np.asarray(Kzz, dt),
-                    np.asarray(Kxz, dt).reshape(p, n_in),
-                    np.asarray(Kxx, dt).reshape(p, p),
+                    xp.asarray(Kzz, dt),
+                    xp.asarray(Kxz, dt).reshape(p, n_in),
+                    xp.asarray(Kxx, dt).reshape(p, p),
                     p,
                     n_in,
                     n_out,
@@ -83,6 +93,9 @@ class BandedKKT:
         self.xidx = np.concatenate(self.xidx)
         self.n = self.xidx.size
         entries = list(self._blocks(blocks, offs))
+        if not host_lapack(xp):
+            self._factor_block(entries)
+            return
         kl = max(int(r0 + h - 1 - c0) for r0, c0, h, w, _ in entries)
         ku = max(int(c0 + w - 1 - r0) for r0, c0, h, w, _ in entries)
         kl, ku = max(kl, 0), max(ku, 0)
@@ -102,6 +115,36 @@ class BandedKKT:
             raise self._singular(int(np.argmin(diag)), "numerically singular")
         self.logdet = float(np.sum(np.log(diag)))
 
+    def _factor_block(self, entries):
+        """Generic route: block-tridiagonal assembly (one block per layer), block QR."""
+        from ..operators import BlockTridiagonal
+
+        xp, offs = self.xp, np.asarray([*self._offs, self.N])
+        sizes = np.diff(offs)
+        diag = [xp.zeros((int(s), int(s)), self.dtype) for s in sizes]
+        lower = [xp.zeros((int(a), int(b)), self.dtype) for a, b in zip(sizes[1:], sizes[:-1])]
+        for r0, c0, h, w, blk in entries:
+            bi = int(np.searchsorted(offs, r0, side="right")) - 1
+            bj = int(np.searchsorted(offs, c0, side="right")) - 1
+            r, c = r0 - offs[bi], c0 - offs[bj]
+            if bi == bj:
+                diag[bi][r : r + h, c : c + w] += blk
+            elif bi == bj + 1:  # the upper blocks are their transposes (symmetric matrix)
+                lower[bj][r : r + h, c : c + w] += blk
+        try:
+            fac = BlockTridiagonal(lower, diag, name="BandedKKT").factor(method="block")
+        except SingularBlockError as err:
+            l = err.layer
+            raise SingularBlockError(
+                f"BandedKKT: the block QR elimination of the lifted KKT system is numerically "
+                f"singular at block row {l} ({self.layers[l - 1].name}): H + damping*I is "
+                "singular; add damping (e.g. damping=1e-8 * ||H||).",
+                layer=l,
+            ) from None
+        self._fac, self._xsel = fac, xp.asarray(self.xidx)
+        # |det KKT| = prod |diag R_kk| (the Q_k are orthogonal); one scalar to the host
+        self.logdet = float(sum(xp.sum(xp.log(xp.abs(xp.diagonal(R)))) for R in fac.R))
+
     def _singular(self, row, detail):
         l = int(np.searchsorted(np.asarray(self._offs), row, side="right"))  # 1-based
         name = self.layers[l - 1].name
@@ -113,21 +156,21 @@ class BandedKKT:
 
     def _blocks(self, blocks, offs):
         """Yield ``(row0, col0, h, w, dense block)`` of the symmetric lifted matrix."""
-        lam = self.damping
+        xp, lam = self.xp, self.damping
         for l, (A, Bx, _, Kxz, Kxx, p, n_in, n_out) in enumerate(blocks):
             x0, m0 = offs[l], offs[l] + p
             z0 = m0 + n_out
-            yield x0, x0, p, p, Kxx + lam * np.eye(p, dtype=Kxx.dtype)
+            yield x0, x0, p, p, Kxx + lam * xp.eye(p, dtype=Kxx.dtype)
             yield x0, m0, p, n_out, -Bx.T
             yield m0, x0, n_out, p, -Bx
-            yield m0, z0, n_out, n_out, np.eye(n_out, dtype=Kxx.dtype)
-            yield z0, m0, n_out, n_out, np.eye(n_out, dtype=Kxx.dtype)
+            yield m0, z0, n_out, n_out, xp.eye(n_out, dtype=Kxx.dtype)
+            yield z0, m0, n_out, n_out, xp.eye(n_out, dtype=Kxx.dtype)
             if l == 0:
                 continue
             zp = offs[l - 1] + blocks[l - 1][5] + 2 * blocks[l - 1][7] - n_in  # dz_{l-1}
             Bn, nn, ni = A.shape
-            Ablk = np.zeros((n_out, n_in), A.dtype)
-            Kzz = np.zeros((n_in, n_in), A.dtype)
+            Ablk = xp.zeros((n_out, n_in), A.dtype)
+            Kzz = xp.zeros((n_in, n_in), A.dtype)
             for s in range(Bn):
                 Ablk[s * nn : (s + 1) * nn, s * ni : (s + 1) * ni] = A[s]
                 Kzz[s * ni : (s + 1) * ni, s * ni : (s + 1) * ni] = blocks[l][2][s]
@@ -139,6 +182,10 @@ class BandedKKT:
 
     def solve(self, G):
         """``(H + λI)^{-1} G`` for ``G`` of shape (n, k)."""
+        if hasattr(self, "_fac"):  # generic route: stays on the device
+            rhs = self.xp.zeros((self.N, G.shape[1]), self.dtype)
+            rhs[self._xsel] = G
+            return self._fac.solve(rhs)[self._xsel]
         rhs = np.zeros((self.N, G.shape[1]), self.dtype)
         rhs[self.xidx] = G
         gbtrs = lapack.get_lapack_funcs("gbtrs", (self.lu,))

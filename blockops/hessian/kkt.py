@@ -19,6 +19,16 @@ layer by layer it is block-tridiagonal and is solved exactly by
 Every solve ends with ``refine`` steps of iterative refinement
 ``x ← x + F⁻¹(g − (H + λI) x)`` against the fused HVP, and the relative
 residual ``‖(H + λI) x − g‖ / ‖g‖`` is the certificate.
+
+Backends: the point's array module is used throughout. On NumPy the stage
+pivots and the banded route use host LAPACK (``sytrf``, ``gesv``/``potrf``,
+``gbtrf``); on CuPy (or NumPy inside :func:`blockops.backend.generic_linalg`)
+the same factorisations run with backend-generic kernels (LU /
+``xp.linalg.solve``, ``xp.linalg.eigvalsh`` for inertia and ``log|det|``, block
+QR for the lifted KKT system). A factorisation moves a few scalars to the host
+(pivot checks); a solve with ``check=False`` moves nothing, and with
+``check=True`` two scalars (the NaN/Inf scan of ``g`` and the worst final
+residual).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pylops import LinearOperator
 from threadpoolctl import threadpool_limits
 
 from .._checks import SingularBlockError, check_finite, check_vector
+from ..backend import get_array_module
 from ..network.layer import Cache
 from .banded import BandedKKT
 from .stagewise import StagewiseFactor, stages_from_point
@@ -190,9 +201,10 @@ class InverseHessian(LinearOperator):
         g = self._check_rhs(g)
         if x is None:
             x = self.matmat(g) if g.ndim == 2 else self.matvec(g)
+        xp = get_array_module(g)
         r = self._apply_H(x.astype(self.point.dtype)) - g
-        nr, ng = np.linalg.norm(r, axis=0), np.linalg.norm(g, axis=0)
-        return nr / np.where(ng == 0, 1.0, ng)
+        nr, ng = xp.linalg.norm(r, axis=0), xp.linalg.norm(g, axis=0)
+        return nr / xp.where(ng == 0, 1.0, ng)
 
     @property
     def logdet(self):
@@ -220,9 +232,10 @@ class InverseHessian(LinearOperator):
                 "InverseHessian.inertia: the stage pivots are singular (the banded LU gives no "
                 "inertia) and n > 4000 is too large for a dense eigenvalue count; add damping."
             )
-        Hd = self._apply_H(np.eye(n, dtype=self.point.dtype))
-        w = np.linalg.eigvalsh(0.5 * (Hd + Hd.T))
-        tol = n * np.finfo(w.dtype).eps * np.abs(w).max()
+        xp = getattr(self.point, "xp", np)
+        Hd = self._apply_H(xp.eye(n, dtype=self.point.dtype))
+        w = xp.linalg.eigvalsh(0.5 * (Hd + Hd.T))
+        tol = n * np.finfo(w.dtype).eps * float(xp.abs(w).max())
         return (int((w < -tol).sum()), int((abs(w) <= tol).sum()), int((w > tol).sum()))
 
     # -- solves ------------------------------------------------------------------
@@ -230,7 +243,8 @@ class InverseHessian(LinearOperator):
         xp = getattr(self.point, "xp", np)
         g = xp.asarray(g)
         check_vector("InverseHessian", g, self.shape[0], name="g")
-        check_finite("InverseHessian", "g", g)
+        if self.check:  # a device-to-host scalar: skipped with check=False
+            check_finite("InverseHessian", "g", g)
         return g
 
     def solve(self, G):
@@ -242,7 +256,7 @@ class InverseHessian(LinearOperator):
         hd = np.dtype(self.point.dtype)
         t0 = time.perf_counter()
         with threadpool_limits(self.threads):
-            X = self._factor.solve(np.asarray(G2, wt)).astype(hd)
+            X = self._factor.solve(G2.astype(wt)).astype(hd)
             Gh = G2.astype(hd)
             res = None
             for _ in range(self.refine):
@@ -253,7 +267,7 @@ class InverseHessian(LinearOperator):
         self.info["solve_time"] = time.perf_counter() - t0
         if res is not None:
             self.info["residual"] = res
-            worst = float(np.max(res)) if res.size else 0.0
+            worst = float(res.max()) if res.size else 0.0  # the one scalar sync of a check
             if worst > self.rtol:
                 warnings.warn(
                     f"InverseHessian ({self.method}): relative residual {worst:.2e} exceeds "
@@ -306,7 +320,9 @@ def inverse_hessian(
     precision : {"float64", "mixed", "float32"}
         ``"mixed"`` factors in float32 and refines in the point's precision.
     check : bool
-        Compute the final residual (one more HVP) and warn above ``rtol``.
+        Scan ``g`` for NaN/Inf, compute the final residual (one more HVP) and
+        warn above ``rtol``. ``check=False`` skips all three: no device-to-host
+        transfer in a solve on CuPy.
     threads : int
         BLAS threads inside factor and solve (one is fastest for the small
         per-layer products; try 2 for batch 32 and up).

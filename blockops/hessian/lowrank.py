@@ -33,6 +33,15 @@ complete, ``E = 0`` and ``λ = 0`` is allowed; otherwise ``λ > 0`` is needed
 is computed for all layers of a segment at once; the sequential loop is a
 handful of small products per layer. The inertia of ``Q_uu`` is that of ``T``
 plus ``p - ρa`` eigenvalues ``λ``.
+
+Backends: everything is written with the array module of the layer data
+(batched ``xp.linalg.qr``, matmul, ``xp.linalg.solve``). The pivots ``T`` are
+factored by LAPACK (``gesv``; ``potrf`` when positive definite) on NumPy, and
+by ``xp.linalg.solve`` with a batched ``xp.linalg.eigvalsh`` of the ``T``
+stack (pivot ratio, ``log|det|`` and inertia) otherwise: CuPy, or NumPy inside
+:func:`blockops.backend.generic_linalg`. The pivot check is one
+device-to-host transfer per segment during the factorisation; solves stay on
+the device.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import numpy as np
 from scipy.linalg.lapack import get_lapack_funcs
 
 from .._checks import SingularBlockError
+from ..backend import get_array_module, host_lapack
 
 __all__ = ["DenseSegment", "dense_segments"]
 
@@ -61,7 +71,7 @@ def _stack_mm(X, Q):
 def _kron_eye(Y, a):
     """``kron(Y, I_a)`` for a stack ``Y`` (L, B, ρ) -> (L, B a, ρ a)."""
     L, B, rho = Y.shape
-    eye = np.eye(a, dtype=Y.dtype)
+    eye = get_array_module(Y).eye(a, dtype=Y.dtype)
     return (Y[:, :, None, :, None] * eye[None, None, :, None, :]).reshape(L, B * a, rho * a)
 
 
@@ -82,10 +92,13 @@ class DenseSegment:
         self.layers, self.first_index = layers, first_index
         self.damping = lam = float(damping)
         ex = [c.extra for c in caches]
-        W = np.stack([e["W"] for e in ex])  # (L, a, a_in)
-        z = np.stack([c.z_prev for c in caches])  # (L, B, a_in)
-        d1 = np.stack([e["d1"] for e in ex])  # (L, B, a)
-        b = np.stack(bs)
+        self.xp = xp = get_array_module(ex[0]["W"], caches[0].z_prev)
+        self.lapack = host_lapack(xp)
+        self._eigT = None  # eigenvalues of the T stack (generic path)
+        W = xp.stack([e["W"] for e in ex])  # (L, a, a_in)
+        z = xp.stack([c.z_prev for c in caches])  # (L, B, a_in)
+        d1 = xp.stack([e["d1"] for e in ex])  # (L, B, a)
+        b = xp.stack(bs)
         L, a, a_in = W.shape
         B = z.shape[1]
         r = a_in + 1
@@ -95,9 +108,9 @@ class DenseSegment:
         self.n_in, self.n_out = B * a_in, B * a
         dt = W.dtype
         beta = b * d1
-        w = b * np.stack([e["d2"] for e in ex])
-        zt = np.concatenate([z, np.ones((L, B, 1), dt)], axis=2)
-        Q, R = np.linalg.qr(zt.transpose(0, 2, 1))  # Q (L, r, ρ), R (L, ρ, B)
+        w = b * xp.stack([e["d2"] for e in ex])
+        zt = xp.concatenate([z, xp.ones((L, B, 1), dt)], axis=2)
+        Q, R = xp.linalg.qr(zt.transpose(0, 2, 1))  # Q (L, r, ρ), R (L, ρ, B)
         rho = Q.shape[2]
         self.rho, self.k = rho, rho * a
         self.full = rho == r
@@ -110,8 +123,8 @@ class DenseSegment:
             )
         Y = R.transpose(0, 2, 1)  # (L, B, ρ)
         self.Q, self.Y, self.W, self.d1, self.beta, self.w = Q, Y, W, d1, beta, w
-        self.QT = np.ascontiguousarray(Q.transpose(0, 2, 1))
-        self.YT = np.ascontiguousarray(Y.transpose(0, 2, 1))
+        self.QT = xp.ascontiguousarray(Q.transpose(0, 2, 1))
+        self.YT = xp.ascontiguousarray(Y.transpose(0, 2, 1))
         # Small batches: one (ns + k)-square product per layer on stacked, precomputed
         # N = D1 [W_blk, G^T]; large batches: Kronecker-structured products per layer
         # (keeps memory at the stored gains T^-1 R).
@@ -121,17 +134,17 @@ class DenseSegment:
 
     def _precompute_small(self):
         L, a, B, k, lam = self.nlayers, self.a, self.B, self.k, self.damping
-        ns, m, dt = self.n_in, self.n_out, self.W.dtype
-        eyeB = np.eye(B, dtype=dt)
+        xp, ns, m, dt = self.xp, self.n_in, self.n_out, self.W.dtype
+        eyeB = xp.eye(B, dtype=dt)
         Wblk = (eyeB[None, :, None, :, None] * self.W[:, None, :, None, :]).reshape(L, m, ns)
-        M = np.concatenate([Wblk, _kron_eye(self.Y, a)], axis=2)
+        M = xp.concatenate([Wblk, _kron_eye(self.Y, a)], axis=2)
         self.N = self.d1.reshape(L, m, 1) * M
         self.Nh = self.N * dt.type(np.sqrt(0.5))
         K0 = M.transpose(0, 2, 1) @ (self.w.reshape(L, m, 1) * M)
         Sq = self._Sq(slice(None))
         K0[:, ns:, :ns] += Sq
         K0[:, :ns, ns:] += Sq.transpose(0, 2, 1)
-        K0[:, ns:, ns:] += lam * np.eye(k, dtype=dt)
+        K0[:, ns:, ns:] += lam * xp.eye(k, dtype=dt)
         if not self.full:
             K0[:, :ns, :ns] -= self._E(slice(None))
         self.K0 = K0
@@ -148,7 +161,7 @@ class DenseSegment:
     def _E(self, sl):
         """``E = λ⁻¹ (ββᵀ) ⊗ (I − Q_z Q_zᵀ)`` for layers ``sl``."""
         Qz, beta = self.Q[sl, : self.a_in, :], self.beta[sl]
-        P = np.eye(self.a_in, dtype=Qz.dtype) - Qz @ Qz.transpose(0, 2, 1)
+        P = self.xp.eye(self.a_in, dtype=Qz.dtype) - Qz @ Qz.transpose(0, 2, 1)
         bb = beta @ beta.transpose(0, 2, 1)
         E = bb[:, :, None, :, None] * P[:, None, :, None, :]
         return E.reshape(-1, self.n_in, self.n_in) / self.damping
@@ -158,38 +171,48 @@ class DenseSegment:
         """Backward sweep over the segment; return the value matrix at its input."""
         V2 = None if V is None else V + V.T  # 2V, symmetrised
         V2, LUd = (self._factor_small if self.small else self._factor_large)(V2)
-        self._check_pivots(np.abs(LUd))
+        self._check_pivots(self.xp.abs(LUd))
         if self.small:
             # Closed-loop transition Psi = D1 (W_blk - G^T T^-1 R), used by both solve sweeps.
             ns = self.n_in
             self.Psi = self.N[:, :, :ns] - self.N[:, :, ns:] @ self.TinvR
-            self.PsiT = np.ascontiguousarray(self.Psi.transpose(0, 2, 1))
+            self.PsiT = self.xp.ascontiguousarray(self.Psi.transpose(0, 2, 1))
         return 0.5 * V2
 
     def _factor_large(self, V2):
         """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``)."""
-        L, ns, k, a, B, m = self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
+        xp, L, ns, k, a, B, m = self.xp, self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
         dt = self.W.dtype
-        gesv, potrf, trtrs = get_lapack_funcs(("gesv", "potrf", "trtrs"), (self.W,))
+        if self.lapack:
+            gesv, potrf, trtrs = get_lapack_funcs(("gesv", "potrf", "trtrs"), (self.W,))
         # Per layer: ("c", L, L^-1 R) when T is positive definite (Cholesky: half the
-        # flops of LU + GEMM), else ("l", T, T^-1 R).
+        # flops of LU + GEMM), else ("l", T, T^-1 R); the generic path always "l".
         self.fac = [None] * L
-        LUd = np.empty((L, k), dt)
-        lamI = self.damping * np.eye(k, dtype=dt)
+        LUd = xp.empty((L, k), dt)
+        lamI = self.damping * xp.eye(k, dtype=dt)
+        diag = xp.arange(m)
         for j in range(L - 1, -1, -1):
             W, YT = self.W[j], self.YT[j]
             d1 = self.d1[j].reshape(m)
             if V2 is None:
-                C = np.diag(self.w[j].reshape(m))
+                C = xp.diag(self.w[j].reshape(m))
             else:
                 C = (0.5 * d1[:, None]) * V2 * d1[None, :]
-                C.flat[:: m + 1] += self.w[j].reshape(m)
+                C[diag, diag] += self.w[j].reshape(m)
             # C W_blk as one GEMM (a batch of m*B tiny products is slow), Q_ss = W_blk^T C W_blk.
             CW = (C.reshape(m * B, a) @ W).reshape(m, ns)
             V2 = (W.T @ CW.reshape(B, a, ns)).reshape(ns, ns)  # Q_ss
             GC = (YT @ C.reshape(B, a * m)).reshape(k, m)
             T = (YT @ GC.T.reshape(B, a * k)).reshape(k, k) + lamI  # lam I + G C G^T
             R = (YT @ CW.reshape(B, a * ns)).reshape(k, ns) + self._Sq(slice(j, j + 1))[0]
+            if not self.lapack:
+                TR = self._solve(T, R, j)
+                self.fac[j] = ("l", T, TR)
+                V2 -= R.T @ TR
+                if not self.full:
+                    V2 -= self._E(slice(j, j + 1))[0]
+                V2 += V2.T
+                continue
             Lc, info = potrf(T, lower=1, clean=1)
             if info == 0:
                 Yc, _ = trtrs(Lc, R, lower=1)
@@ -206,7 +229,21 @@ class DenseSegment:
             if not self.full:
                 V2 -= self._E(slice(j, j + 1))[0]
             V2 += V2.T
+        if not self.lapack:
+            LUd = self._pivot_eigs(xp.stack([f[1] for f in self.fac]))
         return V2, LUd
+
+    def _solve(self, T, R, j):
+        """``T⁻¹ R`` by LU (``xp.linalg.solve``); an exact zero pivot names layer ``j``."""
+        try:
+            return self.xp.linalg.solve(T, R)
+        except np.linalg.LinAlgError:  # NumPy raises; CuPy returns inf/NaN, caught by the check
+            raise self._singular(j, "exactly singular") from None
+
+    def _pivot_eigs(self, Ts):
+        """Eigenvalues of the symmetric pivots ``T`` (generic path): kept for the inertia."""
+        self._eigT = self.xp.linalg.eigvalsh(Ts)
+        return self._eigT
 
     def _TR(self, j, s):
         """``T_j⁻¹ R_j s``."""
@@ -225,16 +262,17 @@ class DenseSegment:
     def _Tinv(self, j, x):
         kind, F, _ = self.fac[j]
         if kind == "l":
-            return np.linalg.solve(F, x)
+            return self.xp.linalg.solve(F, x)
         return get_lapack_funcs("potrs", (F,))(F, x, lower=1)[0]
 
     def _factor_small(self, V2):
-        L, ns = self.nlayers, self.n_in
+        xp, L, ns = self.xp, self.nlayers, self.n_in
         N, K0 = self.Nh, self.K0
-        gesv = get_lapack_funcs("gesv", (K0,))
-        Zs = np.empty_like(K0)
+        if self.lapack:
+            gesv = get_lapack_funcs("gesv", (K0,))
+        Zs = xp.empty_like(K0)
         TinvR = [None] * L
-        LUd = np.empty((L, self.k), K0.dtype)
+        LUd = xp.empty((L, self.k), K0.dtype)
         # V2 = V + V^T = 2V (symmetrised); Nh = N / sqrt(2) absorbs the factor 1/2.
         for j in range(L - 1, -1, -1):
             Z = Zs[j]
@@ -242,18 +280,23 @@ class DenseSegment:
                 Z[...] = K0[j]
             else:
                 Nj = N[j]
-                np.matmul(Nj.T, V2 @ Nj, out=Z)
+                xp.matmul(Nj.T, V2 @ Nj, out=Z)
                 Z += K0[j]
             R = Z[ns:, :ns]
-            lu, _, TR, info = gesv(Z[ns:, ns:], R)
-            if info > 0:
-                raise self._singular(j, "exactly singular")
+            if self.lapack:
+                lu, _, TR, info = gesv(Z[ns:, ns:], R)
+                if info > 0:
+                    raise self._singular(j, "exactly singular")
+                LUd[j] = lu.diagonal()
+            else:
+                TR = self._solve(Z[ns:, ns:], R, j)
             TinvR[j] = TR
-            LUd[j] = lu.diagonal()
             V2 = Z[:ns, :ns] - R.T @ TR
             V2 += V2.T  # symmetrise (DESIGN.md, "Numerics that matter")
         self.T = Zs[:, ns:, ns:]
-        self.TinvR = np.stack(TinvR)
+        self.TinvR = xp.stack(TinvR)
+        if not self.lapack:
+            LUd = self._pivot_eigs(self.T)
         return V2, LUd
 
     def _singular(self, j, detail):
@@ -266,26 +309,35 @@ class DenseSegment:
         )
 
     def _check_pivots(self, ud):
-        """Flag stage pivots whose LU diagonal spread says 'numerically singular'."""
-        lam, extra = self.damping, self.pl - self.k
+        """Flag stage pivots whose LU diagonal (or eigenvalue) spread says 'singular'.
+
+        ``ud`` (L, k): ``|diag U|`` of the LU of each ``T`` (LAPACK path) or
+        ``|eigenvalues|`` of ``T`` (generic path); both multiply to ``|det T|``.
+        """
+        xp, lam, extra = self.xp, self.damping, self.pl - self.k
         big, small = ud.max(axis=1), ud.min(axis=1)
         if extra:
-            big, small = np.maximum(big, lam), np.minimum(small, lam)
+            big, small = xp.maximum(big, lam), xp.minimum(small, lam)
         eps = np.finfo(ud.dtype).eps
-        bad = ~(small > 10 * eps * big)  # refinement still contracts above this
-        if bad.any():
-            j = int(np.flatnonzero(bad)[-1])  # the sweep runs backward: report where it broke
-            raise self._singular(j, f"numerically singular (pivot ratio {small[j] / big[j]:.1e})")
-        self.logdet = float(np.sum(np.log(ud)) + extra * self.nlayers * np.log(lam or 1.0))
+        bad = ~(small > 10 * eps * big)  # refinement still contracts above this; NaN is bad
+        if bool(bad.any()):  # one scalar to the host per segment
+            j = int(xp.flatnonzero(bad)[-1])  # the sweep runs backward: report where it broke
+            lo, hi = float(small[j]), float(big[j])
+            if lo == 0 or not np.isfinite(hi):
+                raise self._singular(j, "exactly singular")
+            raise self._singular(j, f"numerically singular (pivot ratio {lo / hi:.1e})")
+        self.logdet = float(xp.sum(xp.log(ud))) + extra * self.nlayers * float(np.log(lam or 1.0))
 
     @property
     def inertia(self):
         """Inertia of the stage pivots (batched eigenvalues of the ``T`` stack, on request)."""
-        if self.small:
-            Ts = self.T
-        else:  # Cholesky-factored pivots are positive definite: only LU ones need eigenvalues
+        xp, w = self.xp, self._eigT  # generic path: eigenvalues computed with the factor
+        if w is None and self.small:
+            w = xp.linalg.eigvalsh(self.T)
+        elif w is None:  # Cholesky-factored pivots are positive definite: only LU ones count
             Ts = [f[1] for f in self.fac if f[0] == "l"]
-        neg = sum(int(np.count_nonzero(np.linalg.eigvalsh(t) < 0)) for t in (Ts,) if len(t))
+            w = xp.linalg.eigvalsh(xp.stack(Ts)) if Ts else xp.zeros(0)
+        neg = int(xp.count_nonzero(w < 0))
         return (neg, 0, self.pl * self.nlayers - neg)
 
     # -- solves --------------------------------------------------------------
@@ -296,7 +348,7 @@ class DenseSegment:
         L, a, a_in = self.nlayers, self.a, self.a_in
         g = g.reshape(L, self.pl, -1).transpose(0, 2, 1)
         kc = g.shape[1]
-        return np.concatenate(
+        return self.xp.concatenate(
             [g[:, :, : a * a_in].reshape(L, kc, a, a_in), g[:, :, a * a_in :, None]], axis=3
         )
 
@@ -336,19 +388,19 @@ class DenseSegment:
 
     def backward(self, v, g):
         """Linear-term sweep: ``v_{l-1} = Ψᵀ v_l + T⁻¹R`ᵀ γ_l + λ⁻¹ S_⊥ᵀ g_l``."""
-        L, a, B, k, ns = self.nlayers, self.a, self.B, self.k, self.n_in
+        xp, L, a, B, k, ns = self.xp, self.nlayers, self.a, self.B, self.k, self.n_in
         Xg = self._matrix_form(g)
         kc = Xg.shape[1]
         gam = self._to_reduced(Xg)  # U_q^T g_l
         if self.small:
             psi = self.TinvR.transpose(0, 2, 1) @ gam
         else:
-            psi = np.stack([self._TRt(j, gam[j]) for j in range(L)])
+            psi = xp.stack([self._TRt(j, gam[j]) for j in range(L)])
         if not self.full:
             Xp = self._perp(Xg)[:, :, :, : self.a_in]
             sig = (self.beta[:, None] @ Xp).transpose(0, 2, 3, 1).reshape(L, ns, kc)
             psi += sig / self.damping
-        vs = np.zeros((L, self.n_out, kc), g.dtype)
+        vs = xp.zeros((L, self.n_out, kc), g.dtype)
         top = L - 1
         if v is None:
             v, top = psi[top], top - 1
@@ -365,9 +417,9 @@ class DenseSegment:
         dv = (self.d1.reshape(L, -1, 1) * vs).reshape(L, B, a * kc)
         Gdv = (self.YT @ dv).reshape(L, k, kc)
         if self.small:
-            tau = np.linalg.solve(self.T, Gdv - gam)  # not an explicit inverse: accuracy
+            tau = xp.linalg.solve(self.T, Gdv - gam)  # not an explicit inverse: accuracy
         else:
-            tau = np.stack([self._Tinv(j, Gdv[j] - gam[j]) for j in range(L)])
+            tau = xp.stack([self._Tinv(j, Gdv[j] - gam[j]) for j in range(L)])
         return v, (Xg, tau)
 
     def forward(self, s, ctx):
@@ -376,7 +428,8 @@ class DenseSegment:
         L, a, a_in, B, rho, kc = self.nlayers, self.a, self.a_in, self.B, self.rho, Xg.shape[1]
         om = (self.Y @ tau.reshape(L, rho, a * kc)).reshape(L, self.n_out, kc)
         om *= -self.d1.reshape(L, -1, 1)
-        ss = np.zeros((L, self.n_in, kc), Xg.dtype)
+        xp = self.xp
+        ss = xp.zeros((L, self.n_in, kc), Xg.dtype)
         j0 = 0
         if s is None:
             s, j0 = om[0], 1
@@ -392,15 +445,15 @@ class DenseSegment:
         if self.small:
             eta = -(self.TinvR @ ss) - tau  # U_q^T u_l
         else:
-            eta = -np.stack([self._TR(j, ss[j]) for j in range(L)]) - tau
+            eta = -xp.stack([self._TR(j, ss[j]) for j in range(L)]) - tau
         U = self._from_reduced(eta)
         if not self.full:
             # u_perp = -lam^-1 (I - P)(Sel s - g)
-            sel = np.zeros_like(Xg)
+            sel = xp.zeros_like(Xg)
             sst = ss.reshape(L, B, a_in, kc).transpose(0, 3, 1, 2)  # (L, kc, B, a_in)
             sel[:, :, :, :a_in] = self.beta.transpose(0, 2, 1)[:, None] @ sst
             U -= self._perp(sel - Xg) / self.damping
-        u = np.concatenate([U[:, :, :, :a_in].reshape(L, kc, a * a_in), U[:, :, :, a_in]], axis=2)
+        u = xp.concatenate([U[:, :, :, :a_in].reshape(L, kc, a * a_in), U[:, :, :, a_in]], axis=2)
         return u.transpose(0, 2, 1).reshape(self.p, kc), s
 
 

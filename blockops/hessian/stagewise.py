@@ -34,6 +34,16 @@ undamped dense layer with fewer samples than inputs) stops it with
 This module holds the driver (:class:`StagewiseFactor`) and the generic
 dense stage (:class:`DenseStage`, explicit blocks, any layer type);
 :mod:`blockops.hessian.lowrank` holds the structured stage of dense layers.
+
+Backends: on NumPy a stage pivot is factored by LAPACK Bunch-Kaufman
+(``sytrf``/``sycon``). Elsewhere (CuPy; or NumPy inside
+:func:`blockops.backend.generic_linalg`) it is factored by LU with partial
+pivoting (``get_linalg(xp).lu_factor``) and its inertia, ``log|det|`` and
+conditioning come from ``xp.linalg.eigvalsh`` of the (symmetric) pivot; the
+singularity test is then ``min|w| / max|w| < 10 eps`` (the 2-norm reciprocal
+condition, where ``sycon`` estimates the 1-norm one). That test is one
+device-to-host scalar per stage during the factorisation; solves never leave
+the device.
 """
 
 from __future__ import annotations
@@ -42,8 +52,9 @@ import numpy as np
 import scipy.linalg.lapack as lapack
 
 from .._checks import SingularBlockError
+from ..backend import get_array_module, get_linalg, host_lapack
 
-__all__ = ["DenseStage", "StagewiseFactor", "sym_indefinite_factor"]
+__all__ = ["DenseStage", "StagewiseFactor", "sym_indefinite_factor", "sym_lu_factor"]
 
 
 def _singular(name: str, index: int, detail: str) -> SingularBlockError:
@@ -103,10 +114,41 @@ def sym_indefinite_factor(Q, name: str, index: int):
     return ldl, ipiv, (neg, 0, pos), logdet
 
 
+def sym_lu_factor(Q, name: str, index: int):
+    """Backend-generic factorisation of a symmetric stage pivot (any ``xp``).
+
+    LU with partial pivoting (``get_linalg(xp).lu_factor``) for the solves;
+    eigenvalues ``w`` (``xp.linalg.eigvalsh``) for inertia and ``log|det|``,
+    kept on the device until asked for. Returns ``(lu_piv, w)``; raises
+    :class:`~blockops.SingularBlockError` (same messages as
+    :func:`sym_indefinite_factor`) when ``min|w| / max|w| < 10 eps``.
+    """
+    xp = get_array_module(Q)
+    w = xp.linalg.eigvalsh(Q)
+    if Q.shape[0] == 0:
+        return None, w
+    wa = xp.abs(w)
+    lo, hi = wa.min(), wa.max()
+    eps = np.finfo(Q.dtype).eps
+    if not bool(lo > 10 * eps * hi):  # one scalar to the host per stage (NaN fails too)
+        lo, hi = float(lo), float(hi)
+        if lo == 0 or not np.isfinite(hi):
+            raise _singular(name, index, "exactly singular")
+        raise _singular(name, index, f"numerically singular (reciprocal condition {lo / hi:.1e})")
+    return get_linalg(xp).lu_factor(Q, check_finite=False), w
+
+
+def _eig_inertia(w):
+    """``(n_neg, 0, n_pos)`` and ``log|det|`` from the eigenvalues of a nonsingular pivot."""
+    xp = get_array_module(w)
+    neg = int(xp.count_nonzero(w < 0))
+    return (neg, 0, int(w.size) - neg), float(xp.sum(xp.log(xp.abs(w))))
+
+
 def _bd_left_T(A, X):
     """``blockdiag(A)ᵀ X`` for ``A`` (B, n, n_prev) and ``X`` (B*n, c)."""
     B, n, n_prev = A.shape
-    return np.matmul(A.transpose(0, 2, 1), X.reshape(B, n, -1)).reshape(B * n_prev, -1)
+    return (A.transpose(0, 2, 1) @ X.reshape(B, n, -1)).reshape(B * n_prev, -1)
 
 
 def _bd_right(X, A):
@@ -114,7 +156,7 @@ def _bd_right(X, A):
     B, n, n_prev = A.shape
     r = X.shape[0]
     Xt = X.reshape(r, B, n).transpose(1, 0, 2)  # (B, r, n)
-    return np.matmul(Xt, A).transpose(1, 0, 2).reshape(r, B * n_prev)
+    return (Xt @ A).transpose(1, 0, 2).reshape(r, B * n_prev)
 
 
 class DenseStage:
@@ -146,16 +188,40 @@ class DenseStage:
         B, n, n_prev = A.shape
         self.n_in, self.n_out, self.p = B * n_prev, B * n, Bx.shape[1]
         self.nlayers = 1
+        self.xp = get_array_module(A, Bx, Kzz, Kxz, Kxx)
+        self.lapack = host_lapack(self.xp)
+        self._eigs = None
+
+    @property
+    def inertia(self):
+        """Inertia of the stage pivot ``Q_uu`` (Sylvester's law)."""
+        if self._eigs is not None:
+            self._inertia, self._logdet = _eig_inertia(self._eigs)
+            self._eigs = None
+        return self._inertia
+
+    @property
+    def logdet(self):
+        """``log|det Q_uu|``."""
+        self.inertia  # noqa: B018 - resolves the generic path's eigenvalues
+        return self._logdet
+
+    def _pivot_solve(self, rhs):
+        """``Q_uu^{-1} rhs`` with the stored factorisation."""
+        if self.lapack:
+            sytrs = lapack.get_lapack_funcs("sytrs", (self.ldl,))
+            return sytrs(self.ldl, self.ipiv, rhs, lower=1)[0]
+        return get_linalg(self.xp).lu_solve(self.lu, rhs, check_finite=False)
 
     def factor(self, V):
         """One backward Riccati step: store the pivot, return ``V_{l-1}``."""
-        A, Bx = self.A, self.Bx
+        xp, A, Bx = self.xp, self.A, self.Bx
         B, n_prev = A.shape[0], A.shape[2]
-        Qss = np.zeros((self.n_in, self.n_in), A.dtype)
+        Qss = xp.zeros((self.n_in, self.n_in), A.dtype)
         for s in range(B):  # block-diagonal K_zz
             sl = slice(s * n_prev, (s + 1) * n_prev)
             Qss[sl, sl] = self.Kzz[s]
-        Quu = self.Kxx + self.damping * np.eye(self.p, dtype=A.dtype)
+        Quu = self.Kxx + self.damping * xp.eye(self.p, dtype=A.dtype)
         Qus = self.Kxz.copy()
         if V is not None:
             VA = _bd_right(V, A)  # (B n, B n_prev)
@@ -163,15 +229,17 @@ class DenseStage:
             Qus += Bx.T @ VA
             Quu += Bx.T @ (V @ Bx)
         Quu = 0.5 * (Quu + Quu.T)
-        self.ldl, self.ipiv, self.inertia, self.logdet = sym_indefinite_factor(
-            Quu, self.name, self.index
-        )
-        sytrs = lapack.get_lapack_funcs("sytrs", (Quu,))
+        if self.lapack:
+            self.ldl, self.ipiv, self._inertia, self._logdet = sym_indefinite_factor(
+                Quu, self.name, self.index
+            )
+        else:
+            self.lu, self._eigs = sym_lu_factor(Quu, self.name, self.index)
         if self.p:
-            self.X, _ = sytrs(self.ldl, self.ipiv, Qus, lower=1)  # gain Q_uu^-1 Q_us
+            self.X = self._pivot_solve(Qus)  # gain Q_uu^-1 Q_us
             Vp = Qss - Qus.T @ self.X
         else:
-            self.X = np.zeros((0, self.n_in), A.dtype)
+            self.X = xp.zeros((0, self.n_in), A.dtype)
             Vp = Qss
         return 0.5 * (Vp + Vp.T)  # symmetrise: 40x better residual (DESIGN.md)
 
@@ -179,8 +247,7 @@ class DenseStage:
         """Linear-term step: ``v_{l-1}`` and ``κ = Q_uu^{-1} q_u`` for ``g`` (p, k)."""
         qu = -g if v is None else self.Bx.T @ v - g
         if self.p:
-            sytrs = lapack.get_lapack_funcs("sytrs", (self.ldl,))
-            kappa, _ = sytrs(self.ldl, self.ipiv, qu, lower=1)
+            kappa = self._pivot_solve(qu)
         else:
             kappa = qu
         vp = -(self.X.T @ qu)
@@ -194,7 +261,7 @@ class DenseStage:
         snext = self.Bx @ u
         if s is not None:
             B, n, n_prev = self.A.shape
-            snext += np.matmul(self.A, s.reshape(B, n_prev, -1)).reshape(B * n, -1)
+            snext += (self.A @ s.reshape(B, n_prev, -1)).reshape(B * n, -1)
         return u, snext
 
 
@@ -238,7 +305,7 @@ class StagewiseFactor:
         v = None
         for j in range(len(self.stages) - 1, -1, -1):
             v, kappas[j] = self.stages[j].backward(v, G[off[j] : off[j + 1]])
-        X = np.empty_like(G)
+        X = get_array_module(G).empty_like(G)
         s = None
         for j, st in enumerate(self.stages):
             X[off[j] : off[j + 1]], s = st.forward(s, kappas[j])
