@@ -194,7 +194,11 @@ def _check_against_jax(kind, a, depth, seed, loss, damping):
     assert np.array_equal(g, g0)  # caller's array untouched
     want = np.linalg.solve(Href, g)
     cond = route_cond(Hinv.route)
-    assert rel(got, want) < 1e-13 * cond, (rel(got, want), cond)
+    # Past cond ~ 1e13 the float64 route certifies nothing (the route warns; see
+    # test_condition_warning). Below it the eps·cond bound is capped at 1e-7 so
+    # that it can fail: the errors seen on 60 draws were <= 1.4e-9.
+    assume(cond <= 1e13)
+    assert rel(got, want) < min(1e-13 * cond, 1e-7), (rel(got, want), cond)
     return rel(got, want), cond
 
 
@@ -245,9 +249,13 @@ def test_explicit_auxiliary_loss_matches_internal_augmentation():
 
 
 # -- (c) identities ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,a,depth,loss", [("scale", 3, 3, "ce"), ("dense", 2, 2, "mse")])
-def test_identities(kind, a, depth, loss):
-    pipe, x, X, y = family(kind, a, depth, seed=7, loss=loss)
+# seeds chosen so every condition-scaled bound below is < 1e-5 (checked in the test):
+# with seed 7 they reached 1e17-1e18 and the bounds could not fail.
+@pytest.mark.parametrize(
+    "kind,a,depth,loss,seed", [("scale", 3, 3, "ce", 0), ("dense", 2, 2, "mse", 20)]
+)
+def test_identities(kind, a, depth, loss, seed):
+    pipe, x, X, y = family(kind, a, depth, seed=seed, loss=loss)
     pt = pipe.linearize(x, X, y)
     r = WoodburyRoute(pt)
     n = x.shape[0]
@@ -276,6 +284,7 @@ def test_identities(kind, a, depth, loss):
         "S_H": sh_piv * q_piv / cQ,
         "S_q": c(r.S_q.todense()),
     }
+    assert 1e-13 * max(max(bounds.values()), route_cond(r)) < 1e-5  # the bounds can fail
     for key, op, inv in (
         ("A", r.A, r.A_inv),
         ("Q", r.Q, r.Q_inv),

@@ -92,22 +92,34 @@ def lifted_hessian(point, parts=None) -> LinearOperator:
 
 
 def literal_ggn(point, parts=None) -> LinearOperator:
-    r"""Generalized Gauss-Newton matrix as operator algebra: the last term of eq. 24
-    with ``D_zz`` kept only for the loss layer.
+    r"""Generalized Gauss-Newton matrix as operator algebra: eq. 24 with every
+    second-derivative block kept only for the loss layer.
 
     .. math::
-        G = D_x^T M^{-T} P^T D_M D_{zz}^{(L)} P M^{-1} D_x = J^T H_\ell J ,
+        G = D_D D_{xx}^{(L)} + D_D D_{zx}^{(L)} P M^{-1} D_x
+            + D_x^T M^{-T} P^T D_M D_{xz}^{(L)}
+            + D_x^T M^{-T} P^T D_M D_{zz}^{(L)} P M^{-1} D_x
+          = \tilde J^T \nabla^2 \ell \, \tilde J ,
 
-    with ``J = ∂z_{L-1}/∂x`` (the ``z_{L-1}`` block of ``P M⁻¹ D_x``) and
-    ``H_ℓ`` the Hessian of the loss in its input.
+    with ``J̃ = ∂(z_{L-1}, x_L)/∂x`` and ``∇²ℓ`` the Hessian of the loss in its
+    input and its own parameters (the built-in losses have none, so only
+    ``D_zz^{(L)}`` remains and ``G = Jᵀ H_ℓ J``).
     """
     pr = hessian_parts(point) if parts is None else parts
     st = pr.structure
     L = len(st.layers)
-    Dzz_loss = Layerwise(st, "zz", active=[l == L - 1 for l in range(L)], name="Dzz(loss)")
-    Minv, P, Dx, DM = pr.Minv, pr.P, pr.Dx, pr.DM
-    G = Dx.H @ Minv.H @ P.H @ DM @ Dzz_loss @ P @ Minv @ Dx
-    G.name = "GGN (eq. 24, loss term)"
+    loss_only = [l == L - 1 for l in range(L)]
+    Dxx, Dxz, Dzx, Dzz = (
+        Layerwise(st, w, active=loss_only, name=f"D{w}(loss)") for w in ("xx", "xz", "zx", "zz")
+    )
+    Minv, P, Dx, DD, DM = pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM
+    G = (
+        DD @ Dxx
+        + DD @ Dzx @ P @ Minv @ Dx
+        + Dx.H @ Minv.H @ P.H @ DM @ Dxz
+        + Dx.H @ Minv.H @ P.H @ DM @ Dzz @ P @ Minv @ Dx
+    )
+    G.name = "GGN (eq. 24, loss blocks)"
     return G
 
 
@@ -252,8 +264,9 @@ def ggn_vp(point, V):
     layer with ``b_L = 1``). One forward ``jvp`` sweep to ``z_{L-1}``, the
     loss Hessian, one backward ``vjp`` sweep. ``G`` is symmetric and positive
     semi-definite whenever the loss is convex in its input (MSE, softmax
-    cross-entropy). Parameters of the loss layer itself (a loss has none in
-    the built-in losses) get a zero block.
+    cross-entropy). A loss with parameters of its own ``x_L`` (e.g.
+    :class:`~blockops.network.AuxiliaryScalarLoss`) keeps its full Hessian in
+    ``(z_{L-1}, x_L)``: ``G = J̃ᵀ ∇²ℓ J̃`` with ``J̃ = ∂(z_{L-1}, x_L)/∂x``.
     """
     st = point_structure(point)
     W = _directions("ggn_vp", st, V)
@@ -265,9 +278,14 @@ def ggn_vp(point, V):
         if g is not None or v_l is not None:  # else dz_l = 0 (nothing varies yet)
             g = _jvp_keep(layers[l])(caches[l], g, v_l)[0]
     out = st.xp.zeros(W.shape, dtype=st.dtype)
-    if g is None:  # pragma: no cover - a network with no parameters before the loss
+    v_L = W[:, off[L - 1] : off[L]] if st.p[L - 1] else None
+    if g is None and v_L is None:  # pragma: no cover - no parameters anywhere
         return _result(st, out, V)
-    bprime, _ = layers[L - 1].hvp(caches[L - 1], bs[L - 1], g, None)
+    if g is None:
+        g = st.xp.zeros((W.shape[0], *caches[L - 1].z_prev.shape), dtype=st.dtype)
+    bprime, hx = layers[L - 1].hvp(caches[L - 1], bs[L - 1], g, v_L)
+    if st.p[L - 1]:
+        out[:, off[L - 1] : off[L]] = hx
     for l in range(L - 2, -1, -1):
         bprime, bx = layers[l].vjp(caches[l], bprime)
         if st.p[l]:

@@ -116,7 +116,7 @@ class InverseHessian(LinearOperator):
         refine=1,
         precision="float64",
         check=True,
-        rtol=1e-8,
+        rtol=None,
         threads=1,
         kind="hessian",
     ):
@@ -135,12 +135,15 @@ class InverseHessian(LinearOperator):
         if not np.isfinite(damping) or damping < 0:
             raise ValueError(f"inverse_hessian: damping must be finite and >= 0, got {damping}")
         self.point, self.damping, self.kind = point, damping, kind
-        self.refine, self.check, self.rtol, self.threads = int(refine), check, float(rtol), threads
+        self.refine, self.check, self.threads = int(refine), check, threads
         dt = np.dtype(point.dtype)
         self.work_dtype = np.dtype(np.float32) if precision in ("mixed", "float32") else dt
         if precision == "float32":
             dt = np.dtype(np.float32)
         self.out_dtype = dt
+        # sqrt(eps) of what the caller receives: 1.5e-8 in float64, 3.5e-4 in float32
+        # (a float32 result cannot have a residual much below cond * 6e-8).
+        self.rtol = float(np.sqrt(np.finfo(dt).eps)) if rtol is None else float(rtol)
         n = int(point.pipeline.n_params) if hasattr(point, "pipeline") else len(point.gradient)
         super().__init__(dtype=dt, shape=(n, n), name="Hinv")
         self.info = {"precision": precision, "damping": damping}
@@ -262,7 +265,8 @@ class InverseHessian(LinearOperator):
             for _ in range(self.refine):
                 R = Gh - self._apply_H(X)
                 X += self._factor.solve(R.astype(wt)).astype(hd)
-            if self.check:
+            X = X.astype(self.out_dtype, copy=False)
+            if self.check:  # certify what the caller receives, after any cast
                 res = self.residual(Gh, X)
         self.info["solve_time"] = time.perf_counter() - t0
         if res is not None:
@@ -276,7 +280,6 @@ class InverseHessian(LinearOperator):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        X = X.astype(self.out_dtype, copy=False)
         return X[:, 0] if vec else X
 
     def _matvec(self, x):
@@ -300,8 +303,9 @@ def inverse_hessian(
     refine=1,
     precision="float64",
     check=True,
-    rtol=1e-8,
+    rtol=None,
     threads=1,
+    kind="hessian",
 ):
     """Exact ``(H + λI)⁻¹`` of a pipeline as an :class:`InverseHessian` operator.
 
@@ -323,9 +327,24 @@ def inverse_hessian(
         Scan ``g`` for NaN/Inf, compute the final residual (one more HVP) and
         warn above ``rtol``. ``check=False`` skips all three: no device-to-host
         transfer in a solve on CuPy.
+    rtol : float, optional
+        Residual above which a solve warns; default ``√ε`` of the output dtype
+        (1.5e-8 for float64, 3.5e-4 for float32).
     threads : int
         BLAS threads inside factor and solve (one is fastest for the small
         per-layer products; try 2 for batch 32 and up).
+    kind : {"hessian", "ggn"}
+        Invert the Hessian or the generalized Gauss-Newton matrix (eq. 24 with
+        only the loss layer's curvature; positive semi-definite for a convex
+        loss, so ``G + λI`` with ``λ > 0`` is positive definite).
+
+    Notes
+    -----
+    ``method="woodbury"`` is the paper's route
+    (:func:`~blockops.hessian.woodbury.woodbury_inverse`): Hessian only,
+    float64, no refinement; ``rtol`` bounds its predicted error (a condition
+    estimate) instead of a residual. ``kind``, ``refine`` and ``precision``
+    must keep their defaults with it.
     """
     if hasattr(point, "linearize"):
         if len(args) != 2:
@@ -339,5 +358,16 @@ def inverse_hessian(
     if method == "woodbury":
         from .woodbury import woodbury_inverse  # written separately (issue 7)
 
-        return woodbury_inverse(point, damping)
-    return InverseHessian(point, damping, method, refine, precision, check, rtol, threads)
+        unsupported = {
+            "kind": (kind, "hessian"),
+            "refine": (refine, 1),
+            "precision": (precision, "float64"),
+        }
+        bad = [k for k, (v, default) in unsupported.items() if v != default]
+        if bad:
+            raise ValueError(
+                f"inverse_hessian(method='woodbury'): {', '.join(bad)} not supported by the "
+                "paper's route; use method='auto' (stagewise) for these options."
+            )
+        return woodbury_inverse(point, damping, rtol=rtol)  # there: predicted-error bound
+    return InverseHessian(point, damping, method, refine, precision, check, rtol, threads, kind)
