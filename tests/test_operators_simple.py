@@ -102,6 +102,8 @@ def test_blockdiagonal_bad_inputs(xp):
         BlockDiagonal([])
     with pytest.raises(TypeError, match="int64"):
         BlockDiagonal([xp.ones((2, 2), dtype=xp.int64)])
+    with pytest.raises(ValueError, match=r"BlockDiagonal: blocks\[1\] contains 2 NaN or Inf"):
+        BlockDiagonal([xp.ones((2, 2)), xp.asarray([[np.nan, 1.0], [np.inf, 0.0]])])
     op = BlockDiagonal(xp.ones((3, 2, 4)))
     with pytest.raises(ValueError, match=r"BlockDiagonal: x has shape \(6,\); expected \(12,\)"):
         op.matvec(xp.ones(6))
@@ -243,6 +245,8 @@ def test_kroncontract_bad_inputs(xp):
         KronContract([xp.ones(2), xp.ones(2)], [1, 2, 3], name="DD")
     with pytest.raises(ValueError, match="DD: n = "):
         KronContract([xp.ones(2)], -1, name="DD")
+    with pytest.raises(ValueError, match=r"DM: bs\[0\] contains 1 NaN or Inf"):
+        KronContract([xp.asarray([1.0, np.nan])], 3, name="DM")
     K = KronContract([xp.ones(2)], 3)
     with pytest.raises(ValueError, match=r"KronContract: x has shape \(5,\); expected \(6,\)"):
         K.matvec(xp.ones(5))

@@ -288,10 +288,14 @@ def hessian_parts(point) -> HessianParts:
     st = point_structure(point)
     layers, caches = st.layers, st.caches
     B, n, p = st.B, st.n, st.p
-    jz = point.jacobians_z() if hasattr(point, "jacobians_z") else None
-    jx = point.jacobians_x() if hasattr(point, "jacobians_x") else None
-    if jz is None:
+    # a Point caches its Jacobians; a bare structure (e.g. a cast point) builds them
+    if hasattr(point, "jacobians_z"):
+        jz = point.jacobians_z()
+    else:
         jz = [ly.jacobian_z(c) for ly, c in zip(layers, caches)]
+    if hasattr(point, "jacobians_x"):
+        jx = point.jacobians_x()
+    else:
         jx = [ly.jacobian_x(c) for ly, c in zip(layers, caches)]
     # M (eq. 7): -∇_z f_l below the diagonal, l = 2..L; sub[j] sits at block (j+1, j)
     M = BlockBidiagonal([-J for J in jz[1:]], name="M", block_sizes=[B * m for m in n[1:]])

@@ -52,7 +52,11 @@ def backend_of(owner: str, arrays: list) -> Any:
 
 
 def as_blocks3(owner: str, name: str, blocks: list, xp: Any) -> list:
-    """Each block as a 3-D ``(G, r, c)`` array (a 2-D block is ``G = 1``); views, no copies."""
+    """Each block as a 3-D ``(G, r, c)`` array (a 2-D block is ``G = 1``); views, no copies.
+
+    Checked here, once, for dtype and NaN/Inf: a non-finite block would
+    otherwise surface as NaN far from its cause (about 2 µs per block).
+    """
     out = []
     for i, b in enumerate(blocks):
         if b is None:
@@ -65,6 +69,7 @@ def as_blocks3(owner: str, name: str, blocks: list, xp: Any) -> list:
                 "or a 3-D (G, r, c) stack meaning blockdiag over G"
             )
         check_dtype(owner, f"{name}[{i}]", b)
+        check_finite(owner, f"{name}[{i}]", b)
         out.append(b[None] if b.ndim == 2 else b)
     return out
 

@@ -29,6 +29,9 @@ class BlockDiagonal(BlockOperator):
         Shapes may differ (ragged); consecutive entries of equal ``(r, c)`` are
         stacked once at construction into *runs*, each applied with one
         batched ``matmul``, so there is no Python loop over every block.
+        A single 3-D stack (or a run of one entry) is referenced, not copied,
+        as ``pylops.MatrixMult`` does: writing into it later changes the
+        operator. Every block must be finite (checked here).
     name : str, optional
         Name used in error messages.
 

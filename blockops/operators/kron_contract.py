@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_dtype, result_dtype
+from .._checks import check_dtype, check_finite, result_dtype
 from ._common import BlockOperator, backend_of
 
 __all__ = ["KronContract"]
@@ -74,6 +74,7 @@ class KronContract(BlockOperator):
                     "expected (m,) or (G, m)"
                 )
             check_dtype(name, f"bs[{l}]", b)
+            check_finite(name, f"bs[{l}]", b)
             b2.append(b[None] if b.ndim == 1 else b)
         self.n = [int(v) for v in ns]
         self.in_sizes = [g.shape[0] * nl * g.shape[1] for g, nl in zip(b2, self.n)]
