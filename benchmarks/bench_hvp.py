@@ -41,6 +41,7 @@ import time
 from functools import partial
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_limits
 
 from blockops.hessian import hvp, literal_hessian
@@ -118,39 +119,26 @@ def _point(depth, batch):
     return net, x, X, y, v, net.linearize(x, X, y)
 
 
-def test_bench_gradient_b1(benchmark):
-    net, x, X, y, _, _ = _point(1024, 1)
+SIZES = [pytest.param(1024, 1, id="d1024-B1"), pytest.param(256, 32, id="d256-B32")]
+
+
+@pytest.mark.parametrize("depth,batch", SIZES)
+def test_bench_gradient(benchmark, depth, batch):
+    net, x, X, y, _, _ = _point(depth, batch)
     with threadpool_limits(1):
         benchmark(net.gradient, x, X, y)
 
 
-def test_bench_hvp_fused_b1(benchmark):
-    *_, v, pt = _point(1024, 1)
+@pytest.mark.parametrize("depth,batch", SIZES)
+def test_bench_hvp_fused(benchmark, depth, batch):
+    *_, v, pt = _point(depth, batch)
     with threadpool_limits(1):
         benchmark(hvp, pt, v)
 
 
-def test_bench_hvp_literal_b1(benchmark):
-    *_, v, pt = _point(1024, 1)
-    H = literal_hessian(pt)
-    with threadpool_limits(1):
-        benchmark(H.matvec, v)
-
-
-def test_bench_gradient_b32(benchmark):
-    net, x, X, y, _, _ = _point(256, 32)
-    with threadpool_limits(1):
-        benchmark(net.gradient, x, X, y)
-
-
-def test_bench_hvp_fused_b32(benchmark):
-    *_, v, pt = _point(256, 32)
-    with threadpool_limits(1):
-        benchmark(hvp, pt, v)
-
-
-def test_bench_hvp_literal_b32(benchmark):
-    *_, v, pt = _point(256, 32)
+@pytest.mark.parametrize("depth,batch", SIZES)
+def test_bench_hvp_literal(benchmark, depth, batch):
+    *_, v, pt = _point(depth, batch)
     H = literal_hessian(pt)
     with threadpool_limits(1):
         benchmark(H.matvec, v)

@@ -8,7 +8,6 @@ few of the numbers each one reports, so a silently skipped section fails here.
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
 import warnings
 from pathlib import Path
@@ -22,7 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("plot_*.py"))
-HAS_INVERSE = importlib.util.find_spec("blockops.hessian.kkt") is not None
 
 
 def _run(path: Path, monkeypatch) -> dict:
@@ -53,8 +51,7 @@ def test_example_runs(path, monkeypatch):
 def _dobbs(g):
     assert g["ranks"][0] < g["n_params"]  # no local functional inverse for a small batch
     assert g["rel"] < 1e-7  # Newton-evaluated ∇⁻¹ differentiates to H⁻¹v
-    if HAS_INVERSE:
-        assert g["bo1"] is not None and g["bo2"] is not None and g["bo_mlp"] is not None
+    assert g["bo1"] is not None and g["bo2"] is not None and g["bo_mlp"] is not None
 
 
 def _r_operator(g):
@@ -67,8 +64,7 @@ def _r_operator(g):
 
 def _hessian_with_backprop(g):
     assert g["mean_err"][-1] < g["mean_err"][0] / 5
-    if HAS_INVERSE:
-        assert g["hist_n"][-1] < 0.1 * g["hist_a"][-1]
+    assert g["hist_n"][-1] < 0.1 * g["hist_a"][-1]
 
 
 def _preconditioning(g):

@@ -76,6 +76,23 @@ def _check_budget(owner: str, max_steps: int, time_budget: float | None) -> None
         raise ValueError(f"{owner}: time_budget must be > 0 seconds, got {time_budget}")
 
 
+def _first_order(hist: History, objective, x0, max_steps, time_budget, step) -> tuple:
+    """The loop shared by the first-order methods: ``x ← step(k, x, g)``, k = 1, 2, ..."""
+    clock = _Clock(time_budget)
+    x = x0.copy()
+    pt = objective(x)
+    hist.loss.append(float(pt.loss))
+    hist.time.append(clock.elapsed())
+    for k in range(1, max_steps + 1):
+        if clock.spent() or not math.isfinite(hist.loss[-1]):
+            break
+        x = step(k, x, pt.gradient)
+        pt = objective(x)
+        hist.loss.append(float(pt.loss))
+        hist.time.append(clock.elapsed())
+    return x, hist
+
+
 def gradient_descent(
     objective: Callable,
     x0,
@@ -86,19 +103,7 @@ def gradient_descent(
     """Plain gradient descent ``x ← x - lr · g`` for ``max_steps`` steps or ``time_budget`` s."""
     _check_budget("gradient_descent", max_steps, time_budget)
     hist = History("gradient descent", notes={"lr": lr})
-    clock = _Clock(time_budget)
-    x = x0.copy()
-    pt = objective(x)
-    hist.loss.append(float(pt.loss))
-    hist.time.append(clock.elapsed())
-    for _ in range(max_steps):
-        if clock.spent() or not math.isfinite(hist.loss[-1]):
-            break
-        x = x - lr * pt.gradient
-        pt = objective(x)
-        hist.loss.append(float(pt.loss))
-        hist.time.append(clock.elapsed())
-    return x, hist
+    return _first_order(hist, objective, x0, max_steps, time_budget, lambda k, x, g: x - lr * g)
 
 
 def adam(
@@ -114,26 +119,16 @@ def adam(
     """Adam (bias-corrected moments) for ``max_steps`` steps or ``time_budget`` seconds."""
     _check_budget("adam", max_steps, time_budget)
     hist = History("Adam", notes={"lr": lr, "beta1": beta1, "beta2": beta2})
-    clock = _Clock(time_budget)
-    x = x0.copy()
-    m = 0.0 * x0
-    v = 0.0 * x0
-    pt = objective(x)
-    hist.loss.append(float(pt.loss))
-    hist.time.append(clock.elapsed())
-    for k in range(1, max_steps + 1):
-        if clock.spent() or not math.isfinite(hist.loss[-1]):
-            break
-        g = pt.gradient
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * (g * g)
+    moments = {"m": 0.0 * x0, "v": 0.0 * x0}
+
+    def step(k, x, g):
+        m = moments["m"] = beta1 * moments["m"] + (1.0 - beta1) * g
+        v = moments["v"] = beta2 * moments["v"] + (1.0 - beta2) * (g * g)
         mhat = m / (1.0 - beta1**k)
         vhat = v / (1.0 - beta2**k)
-        x = x - lr * mhat / ((vhat**0.5) + eps)
-        pt = objective(x)
-        hist.loss.append(float(pt.loss))
-        hist.time.append(clock.elapsed())
-    return x, hist
+        return x - lr * mhat / ((vhat**0.5) + eps)
+
+    return _first_order(hist, objective, x0, max_steps, time_budget, step)
 
 
 def damped_newton(

@@ -285,6 +285,17 @@ def fit_slope(depths: Sequence[float], times: Sequence[float]) -> float | None:
     return float(np.polyfit(ld, lt, 1)[0])
 
 
+def _save(fig, title: str, path: str) -> str:
+    """Title, lay out, write (creating the folder) and close a figure; return its path."""
+    plt = require_matplotlib()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_curves(histories: Sequence, path: str, title: str) -> str:
     """Two panels: loss against iteration and against wall-clock time (log loss axis)."""
     plt = require_matplotlib()
@@ -298,12 +309,7 @@ def plot_loss_curves(histories: Sequence, path: str, title: str) -> str:
         ax.set_ylabel("training loss")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, title, path)
 
 
 def plot_scaling(
@@ -345,9 +351,4 @@ def plot_scaling(
         ax.legend(fontsize=7)
     for ax in axes.ravel()[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, title, path)

@@ -56,17 +56,20 @@ def literal_hessian(point, parts=None) -> LinearOperator:
     and :class:`FusedHessian` to compute.
     """
     pr = hessian_parts(point) if parts is None else parts
-    M, Minv, P, Dx, DD, DM = pr.M, pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM
-    Dxx, Dxz, Dzx, Dzz = pr.Dxx, pr.Dxz, pr.Dzx, pr.Dzz
-    del M  # eq. 24 uses M only through its inverse
-    H = (
+    H = _eq24(pr, pr.Dxx, pr.Dxz, pr.Dzx, pr.Dzz)
+    H.name = "H (eq. 24)"
+    return H
+
+
+def _eq24(pr, Dxx, Dxz, Dzx, Dzz) -> LinearOperator:
+    """Eq. 24 with the given second-derivative blocks (all layers, or the loss only)."""
+    Minv, P, Dx, DD, DM = pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM  # M enters only inverted
+    return (
         DD @ Dxx
         + DD @ Dzx @ P @ Minv @ Dx
         + Dx.H @ Minv.H @ P.H @ DM @ Dxz
         + Dx.H @ Minv.H @ P.H @ DM @ Dzz @ P @ Minv @ Dx
     )
-    H.name = "H (eq. 24)"
-    return H
 
 
 def lifted_hessian(point, parts=None) -> LinearOperator:
@@ -112,13 +115,7 @@ def literal_ggn(point, parts=None) -> LinearOperator:
     Dxx, Dxz, Dzx, Dzz = (
         Layerwise(st, w, active=loss_only, name=f"D{w}(loss)") for w in ("xx", "xz", "zx", "zz")
     )
-    Minv, P, Dx, DD, DM = pr.Minv, pr.P, pr.Dx, pr.DD, pr.DM
-    G = (
-        DD @ Dxx
-        + DD @ Dzx @ P @ Minv @ Dx
-        + Dx.H @ Minv.H @ P.H @ DM @ Dxz
-        + Dx.H @ Minv.H @ P.H @ DM @ Dzz @ P @ Minv @ Dx
-    )
+    G = _eq24(pr, Dxx, Dxz, Dzx, Dzz)
     G.name = "GGN (eq. 24, loss blocks)"
     return G
 

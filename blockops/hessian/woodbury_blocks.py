@@ -220,7 +220,7 @@ def route_blocks(view: ScalarView, damping: float = 0.0, cond_max: float | None 
                 " layers with a batch of width + 1 samples)"
             )
             raise SingularBlockError(
-                f"woodbury: ∇_x f at layer {k + 1} ({names[k]}) is {J.shape[0]}x{J.shape[1]}, "
+                f"woodbury: ∇_x f at {names[k]} is {J.shape[0]}x{J.shape[1]}, "
                 f"not square, so A = Dxᵀ M⁻ᵀ M⁻¹ Dx is singular{hint}; {KKT_HINT}",
                 layer=k + 1,
             )
