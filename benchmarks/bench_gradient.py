@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_limits
 
 from blockops.network import Dense, MSELoss, Pipeline
@@ -111,7 +112,8 @@ def test_bench_gradient_bidiagonal(benchmark):
 
 
 def test_bench_gradient_jax(benchmark):
-    import jax.numpy as jnp
+    # the baseline needs JAX (the `test` extra), not part of the `bench` extra
+    jnp = pytest.importorskip("jax.numpy", reason="the JAX baseline needs pip install .[test]")
 
     net, x, X, y = _case()
     jg = jax_gradient(net, X, y)
