@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,7 +219,9 @@ class _DenseLU(BlockOperator):
         scale = max(scale, float(xp.max(xp.abs(A))) if A.size else 0.0)
         tol = n * np.finfo(A.dtype).eps * scale
         try:
-            self._lu = self._lu_mod.lu_factor(A, check_finite=False)
+            with warnings.catch_warnings():  # an exact zero pivot is reported below, by name
+                warnings.simplefilter("ignore", getattr(self._lu_mod, "LinAlgWarning", Warning))
+                self._lu = self._lu_mod.lu_factor(A, check_finite=False)
         except (np.linalg.LinAlgError, ValueError) as err:  # pragma: no cover - LAPACK path
             raise SingularBlockError(f"{owner}: {what} ({n}x{n}) is singular: {err}") from None
         piv = xp.abs(xp.diagonal(self._lu[0]))
