@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import reference as ref
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from pylops.utils import dottest
 
 from blockops.hessian import FusedHessian, hessian, hvp
+from blockops.hessian.dense_run import dense_runs
 from blockops.hessian.hessian import ggn_vp
+from blockops.hessian.parts import point_structure
+from blockops.network import Pipeline
 
 jax.config.update("jax_enable_x64", True)
 
@@ -251,3 +255,38 @@ def test_fused_hessian_attributes(indefinite):
     # adjoint equals forward (symmetric)
     v = np.random.default_rng(4).standard_normal(n)
     assert np.array_equal(H.rmatvec(v), H.matvec(v))
+
+
+@settings(max_examples=8)
+@given(
+    width=st.integers(1, 4),
+    depth=st.integers(3, 7),
+    batch=st.integers(1, 3),
+    k=st.integers(1, 3),
+    acts=st.lists(st.sampled_from(ref.ACTIVATION_NAMES), min_size=7, max_size=7),
+    loss=st.sampled_from(ref.LOSS_KINDS),
+    seed=st.integers(0, 10_000),
+)
+def test_stacked_dense_runs_match_jax(width, depth, batch, k, acts, loss, seed):
+    """Runs of square Dense layers (the stacked sweep of dense_run.py), with other
+    layers around them, against jax.hessian and the JAX Gauss-Newton matrix."""
+    w = width + 1  # two classes at least, so the softmax Hessian is not zero
+    layers = [ref.make_layer("Dense", 3, w, acts[0])]
+    layers += [ref.make_layer("Dense", w, w, a) for a in acts[1:depth]]
+    layers += [ref.make_layer("Bias", w, w, "tanh"), ref.make_layer("Dense", w, w, acts[-1])]
+    layers += [ref.make_layer("Dense", w, w, "sigmoid"), ref.make_loss(loss)]
+    net = Pipeline(layers)
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((batch, 3))
+    y = (
+        rng.integers(0, w, batch)
+        if loss == "SoftmaxCrossEntropy"
+        else rng.standard_normal((batch, w))
+    )
+    case = ref.Case(net, net.init(seed=seed), X, y)
+    pt = net.linearize(case.x, X, y)
+    V = rng.standard_normal((net.n_params, k))
+    assert set(dense_runs(pt, point_structure(pt))) == {1, depth + 1}  # two stacked runs
+    assert rel(hvp(pt, V), jax_hessian(case) @ V) <= 1e-10
+    G = ref.ggn(net.spec(), case.x, X, y)
+    assert rel(ggn_vp(pt, V), G @ V) <= 1e-10
