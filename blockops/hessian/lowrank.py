@@ -209,8 +209,8 @@ class DenseSegment:
                 C *= d1[None, :]
             C[diag, diag] += self.w[j].reshape(m)
             # C W_blk as one GEMM (a batch of m*B tiny products is slow), Q_ss = W_blk^T C W_blk.
-            xp.matmul(C.reshape(m * B, a), W, out=CW.reshape(m * B, a))
-            xp.matmul(W.T, CW.reshape(B, a, ns), out=Qss.reshape(B, a, ns))
+            xp.matmul(C.reshape(m * B, a), W, out=CW.reshape(m * B, self.a_in))
+            xp.matmul(W.T, CW.reshape(B, a, ns), out=Qss.reshape(B, self.a_in, ns))
             GC = (YT @ C.reshape(B, a * m)).reshape(k, m)
             T = (YT @ GC.T.reshape(B, a * k)).reshape(k, k) + lamI  # lam I + G C G^T
             xp.matmul(YT, CW.reshape(B, a * ns), out=R.reshape(self.rho, a * ns))
