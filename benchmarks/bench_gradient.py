@@ -11,13 +11,13 @@ thread (per-layer matrices are small). Run::
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from blockops.cli.problem import best_time
 from blockops.network import Dense, MSELoss, Pipeline
 
 WIDTH, BATCH, DEPTH = 16, 32, 256
@@ -44,15 +44,6 @@ def jax_gradient(net, X, y):
     return lambda x: fn(x).block_until_ready()
 
 
-def _best(f, repeat):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def run(quick: bool = False) -> list[dict]:
     """Time both gradients; one row per method with the ratio to JAX."""
     import jax.numpy as jnp
@@ -63,7 +54,7 @@ def run(quick: bool = False) -> list[dict]:
     jg = jax_gradient(net, X, y)
     xj = jnp.asarray(x)
     g_ref = np.asarray(jg(xj))  # warm-up (compile)
-    t_jax = _best(lambda: jg(xj), repeat)
+    t_jax = best_time(lambda: jg(xj), repeat)[0]
     rows = [
         {
             "method": "jax.jit(jax.grad)",
@@ -79,7 +70,7 @@ def run(quick: bool = False) -> list[dict]:
         for method in ("vjp", "bidiagonal"):
             g = net.gradient(x, X, y, method=method)
             err = float(np.abs(g - g_ref).max() / np.abs(g_ref).max())
-            t = _best(lambda m=method: net.gradient(x, X, y, method=m), repeat)
+            t = best_time(lambda m=method: net.gradient(x, X, y, method=m), repeat)[0]
             rows.append(
                 {
                     "method": f"blockops ({method})",

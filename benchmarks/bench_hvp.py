@@ -54,6 +54,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from blockops.cli.problem import best_time
 from blockops.hessian import hvp, literal_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
@@ -73,15 +74,6 @@ def make_case(depth: int, batch: int, width: int = WIDTH, seed: int = 0):
     return net, x, X, y, v
 
 
-def _best(f, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def literal_entries(depth: int, batch: int, width: int = WIDTH) -> int:
     return depth * batch * width * width * (width + 1)
 
@@ -95,10 +87,10 @@ def run(quick: bool = False) -> list[dict]:
             for depth in depths:
                 repeat = 3 if quick or depth >= 1024 else 7
                 net, x, X, y, v = make_case(depth, batch)
-                t_grad = _best(partial(net.gradient, x, X, y), repeat)
+                t_grad = best_time(partial(net.gradient, x, X, y), repeat)[0]
                 pt = net.linearize(x, X, y)
                 hv = hvp(pt, v)
-                t_fused = _best(partial(hvp, pt, v), repeat)
+                t_fused = best_time(partial(hvp, pt, v), repeat)[0]
                 row = {
                     "width": WIDTH,
                     "batch": batch,
@@ -117,7 +109,7 @@ def run(quick: bool = False) -> list[dict]:
                     row["literal_build_s"] = time.perf_counter() - t
                     hl = H @ v
                     row["literal_vs_fused_rel"] = float(np.abs(hl - hv).max() / np.abs(hv).max())
-                    row["literal_s"] = _best(partial(H.matvec, v), max(1, repeat // 2))
+                    row["literal_s"] = best_time(partial(H.matvec, v), max(1, repeat // 2))[0]
                     row["literal_over_fused"] = row["literal_s"] / t_fused
                 rows.append(row)
     return rows

@@ -19,6 +19,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from blockops.cli.problem import best_time
 from blockops.hessian.hessian import hessian, hvp
 from blockops.hessian.kkt import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
@@ -35,15 +36,6 @@ def make_point(depth, batch, width=WIDTH, seed=0):
     return net, net.linearize(net.init(seed=seed), X, y)
 
 
-def _best(f, repeat):
-    best, out = np.inf, None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = f()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def bench_case(depth, batch, minres_cap=2000, minres=True, dense=False, repeat=3, threads=1):
     from scipy.sparse.linalg import minres as sp_minres
 
@@ -52,14 +44,14 @@ def bench_case(depth, batch, minres_cap=2000, minres=True, dense=False, repeat=3
     g = np.random.default_rng(1).standard_normal(n)
     row = {"depth": depth, "batch": batch, "n": n}
     with threadpool_limits(1):
-        row["hvp_s"], _ = _best(lambda: hvp(pt, g), repeat)
-    t_fac, Hi = _best(
+        row["hvp_s"], _ = best_time(lambda: hvp(pt, g), repeat)
+    t_fac, Hi = best_time(
         lambda: inverse_hessian(pt, damping=DAMPING, refine=1, check=False, threads=threads),
         repeat if depth * batch <= 4096 else 1,
     )
     row["method"] = Hi.method
     row["factor_s"] = t_fac
-    row["solve_s"], x = _best(lambda: Hi.solve(g), repeat)
+    row["solve_s"], x = best_time(lambda: Hi.solve(g), repeat)
     row["total_s"] = row["factor_s"] + row["solve_s"]
     row["total_over_hvp"] = row["total_s"] / row["hvp_s"]
     row["residual"] = float(Hi.residual(g, x))

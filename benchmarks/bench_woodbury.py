@@ -16,13 +16,13 @@ Run ``python benchmarks/bench_woodbury.py [--quick] [--damping 1e-3]`` for the t
 from __future__ import annotations
 
 import sys
-import time
 import warnings
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from blockops import SingularBlockError
+from blockops.cli.problem import best_time
 from blockops.hessian import hessian
 from blockops.hessian.kkt import inverse_hessian
 from blockops.hessian.woodbury import woodbury_inverse
@@ -49,15 +49,6 @@ def _network(family: str, depth: int, seed: int = 0):
     return pipe.linearize(x, X, y)
 
 
-def _timed(fn, repeat: int = 1):
-    best, out = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
 def _residual(H, x, g) -> float:
     return float(np.linalg.norm(H @ x - g) / np.linalg.norm(g))
 
@@ -81,8 +72,8 @@ def run(quick: bool = False, damping: float = 1e-3) -> list[dict]:
                 g = np.random.default_rng(1).standard_normal(H.shape[0])
                 row = {"family": family, "depth": depth, "n_params": H.shape[0], "damping": damping}
                 try:
-                    Wi, t_wb = _timed(lambda pt=pt: woodbury_inverse(pt, damping=damping))
-                    xw, t_wa = _timed(lambda Wi=Wi, g=g: Wi @ g, repeat=3)
+                    t_wb, Wi = best_time(lambda pt=pt: woodbury_inverse(pt, damping=damping))
+                    t_wa, xw = best_time(lambda Wi=Wi, g=g: Wi @ g, repeat=3)
                     r = Wi.route
                     row.update(
                         woodbury_build_s=t_wb, woodbury_apply_s=t_wa,
@@ -95,10 +86,10 @@ def run(quick: bool = False, damping: float = 1e-3) -> list[dict]:
                     xw = None
                     row.update(woodbury_error=str(err)[:120])
                 try:
-                    Ki, t_kb = _timed(
+                    t_kb, Ki = best_time(
                         lambda pt=pt: inverse_hessian(pt, method="kkt", damping=damping)
                     )
-                    xk, t_ka = _timed(lambda Ki=Ki, g=g: Ki @ g, repeat=3)
+                    t_ka, xk = best_time(lambda Ki=Ki, g=g: Ki @ g, repeat=3)
                     row.update(kkt_build_s=t_kb, kkt_apply_s=t_ka, kkt_residual=_residual(H, xk, g))
                     if xw is not None:
                         row["rel_diff"] = float(np.linalg.norm(xw - xk) / np.linalg.norm(xk))
