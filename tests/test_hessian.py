@@ -271,13 +271,13 @@ def test_stacked_dense_runs_match_jax(width, depth, batch, k, acts, loss, seed):
     """Runs of square Dense layers (the stacked sweep of dense_run.py), with other
     layers around them, against jax.hessian and the JAX Gauss-Newton matrix."""
     w = width + 1  # two classes at least, so the softmax Hessian is not zero
-    layers = [ref.make_layer("Dense", 3, w, acts[0])]
+    layers = [ref.make_layer("Dense", w + 1, w, acts[0])]  # not square: not in a run
     layers += [ref.make_layer("Dense", w, w, a) for a in acts[1:depth]]
     layers += [ref.make_layer("Bias", w, w, "tanh"), ref.make_layer("Dense", w, w, acts[-1])]
     layers += [ref.make_layer("Dense", w, w, "sigmoid"), ref.make_loss(loss)]
     net = Pipeline(layers)
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((batch, 3))
+    X = rng.standard_normal((batch, w + 1))
     y = (
         rng.integers(0, w, batch)
         if loss == "SoftmaxCrossEntropy"
