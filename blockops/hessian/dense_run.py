@@ -111,6 +111,8 @@ class DenseRun:
         b_in = Q[0] @ self.W[0]
         if second_order:
             b_in += Rr[0]
+        # a view: `out` is the sweep's own C-contiguous (k, n) array, and splitting the
+        # last axis of a column slice never copies
         rows = out[:, self.cols].reshape(k, R, a * a + a)
         hW = Q.transpose(0, 1, 3, 2) @ self.Z[:, None]  # q_iᵀ z_{i-1}, (R, k, a, a)
         if second_order:
