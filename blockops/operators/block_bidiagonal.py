@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from .._checks import SingularBlockError, result_dtype
-from ._common import BlockOperator, apply_runs, as_blocks3, backend_of, block_size, make_runs
+from ._common import (
+    BlockOperator,
+    apply_runs,
+    as_blocks3,
+    backend_of,
+    block_size,
+    check_runs_finite,
+    make_runs,
+)
 
 __all__ = ["BlockBidiagonal", "BlockBidiagonalInverse"]
 
@@ -113,6 +121,8 @@ class BlockBidiagonal(BlockOperator):
             self._sruns[0].nc = self.offsets[-2]
         else:
             self._sruns = make_runs(xp, sub3, [block_size(b) for b in sub3], r0=sizes[0])
+        check_runs_finite(name, "sub", [r.blocks for r in self._sruns], sub3)
+        check_runs_finite(name, "diag", [r.blocks for r in self._druns], diag3)
         dtypes = [b.dtype for b in sub3 + diag3 if b is not None] or [dtype or np.float64]
         self._inv = None
         N = self.offsets[-1]

@@ -3,7 +3,15 @@ r"""Block-diagonal operator applied with batched ``matmul`` (no loop over blocks
 from __future__ import annotations
 
 from .._checks import result_dtype
-from ._common import BlockOperator, apply_runs, as_blocks3, backend_of, block_size, make_runs
+from ._common import (
+    BlockOperator,
+    apply_runs,
+    as_blocks3,
+    backend_of,
+    block_size,
+    check_runs_finite,
+    make_runs,
+)
 
 __all__ = ["BlockDiagonal"]
 
@@ -61,6 +69,7 @@ class BlockDiagonal(BlockOperator):
         self.row_sizes = [s[0] for s in sizes]
         self.col_sizes = [s[1] for s in sizes]
         self._runs = make_runs(xp, b3, sizes)
+        check_runs_finite(name, "blocks", [r.blocks for r in self._runs], b3)
         shape = (sum(self.row_sizes), sum(self.col_sizes))
         dtype = result_dtype(*[b.dtype for b in b3])
         super().__init__(dtype=dtype, shape=shape, name=name)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_dtype, check_finite, result_dtype
-from ._common import BlockOperator, backend_of
+from .._checks import check_dtype, result_dtype
+from ._common import BlockOperator, backend_of, check_runs_finite
 
 __all__ = ["KronContract"]
 
@@ -74,12 +74,12 @@ class KronContract(BlockOperator):
                     "expected (m,) or (G, m)"
                 )
             check_dtype(name, f"bs[{l}]", b)
-            check_finite(name, f"bs[{l}]", b)
             b2.append(b[None] if b.ndim == 1 else b)
         self.n = [int(v) for v in ns]
         self.in_sizes = [g.shape[0] * nl * g.shape[1] for g, nl in zip(b2, self.n)]
         self.out_sizes = [g.shape[0] * nl for g, nl in zip(b2, self.n)]
         self._runs = self._make_runs(xp, b2)
+        check_runs_finite(name, "bs", [r[0] for r in self._runs], b2)
         dtype = result_dtype(*[b.dtype for b in b2])
         shape = (sum(self.out_sizes), sum(self.in_sizes))
         super().__init__(dtype=dtype, shape=shape, name=name)
