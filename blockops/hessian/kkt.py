@@ -204,6 +204,10 @@ class InverseHessian(LinearOperator):
         g = self._check_rhs(g)
         if x is None:
             x = self.matmat(g) if g.ndim == 2 else self.matvec(g)
+        return self._residual(g, x)
+
+    def _residual(self, g, x):
+        """:meth:`residual` of a checked ``g``."""
         xp = get_array_module(g)
         r = self._apply_H(x.astype(self.point.dtype)) - g
         nr, ng = xp.linalg.norm(r, axis=0), xp.linalg.norm(g, axis=0)
@@ -267,7 +271,7 @@ class InverseHessian(LinearOperator):
                 X += self._factor.solve(R.astype(wt)).astype(hd)
             X = X.astype(self.out_dtype, copy=False)
             if self.check:  # certify what the caller receives, after any cast
-                res = self.residual(Gh, X)
+                res = self._residual(Gh, X)  # G was checked on entry
         self.info["solve_time"] = time.perf_counter() - t0
         if res is not None:
             self.info["residual"] = res
