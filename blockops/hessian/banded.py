@@ -93,6 +93,7 @@ class BandedKKT:
         self.xidx = np.concatenate(self.xidx)
         self.n = self.xidx.size
         entries = list(self._blocks(blocks, offs))
+        self._fac = None  # the generic route's block factorisation
         if not host_lapack(xp):
             self._factor_block(entries)
             return
@@ -182,7 +183,7 @@ class BandedKKT:
 
     def solve(self, G):
         """``(H + λI)^{-1} G`` for ``G`` of shape (n, k)."""
-        if hasattr(self, "_fac"):  # generic route: stays on the device
+        if self._fac is not None:  # generic route: stays on the device
             rhs = self.xp.zeros((self.N, G.shape[1]), self.dtype)
             rhs[self._xsel] = G
             return self._fac.solve(rhs)[self._xsel]

@@ -184,36 +184,16 @@ def hvp(point, V):
     st = point_structure(point)
     W = _directions("hvp", st, V)
     layers, caches, bs, off = st.layers, st.caches, st.bs, st.x_offsets
-    L = len(layers)
-    vs = [W[:, off[l] : off[l + 1]] if st.p[l] else None for l in range(L)]
-    # forward sweep, eq. 53: g[l] = dz_l/dα (g[0] = dz_0 = 0); keep[l] is what the
-    # layer's backward step reuses (a dense layer's pre-activation derivative)
-    # runs of square dense layers go through one stacked step each (dense_run.py)
     runs = dense_runs(point, st)
-    g, keep = [None] * L, [None] * L
-    l = 0
-    while l < L - 1:
-        if l in runs:
-            run = runs[l]
-            g[run.l1], keep[l] = run.forward(g[l], W)
-            l = run.l1
-            continue
-        if g[l] is not None or vs[l] is not None:  # else dz_l = 0 (nothing varies yet)
-            g[l + 1], keep[l] = _jvp_keep(layers[l])(caches[l], g[l], vs[l])
-        l += 1
+    vs, g, keep = _tangent_sweep(st, runs, W, len(layers) - 1)
     out = st.xp.empty(W.shape, dtype=st.dtype)
     # backward sweep, eqs. 46-52: one fused step per layer gives
     # (h^z_l + b'_l ∇_z f_l, h^x_l + b'_l ∇_x f_l), h^x written into its rows of out
-    ends = {run.l1 - 1: run for run in runs.values()}
     bprime = None  # b'_L = 0
-    l = L - 1
-    while l >= 0:
-        if l in ends:
-            run = ends[l]
+    for l, run in _reversed_steps(runs, len(layers) - 1):
+        if run is not None:
             bprime = run.backward(keep[run.l0], bprime, out)
-            l = run.l0 - 1
-            continue
-        if g[l] is None and vs[l] is None:  # parameter-free layer(s) at the start: h = 0
+        elif g[l] is None and vs[l] is None:  # parameter-free layer(s) at the start: h = 0
             if bprime is not None:
                 bprime = layers[l].vjp(caches[l], bprime)[0]
         else:
@@ -222,8 +202,41 @@ def hvp(point, V):
             bprime, hx = step(caches[l], bs[l], g[l], vs[l], bprime, keep[l], rows)
             if hx is not rows:
                 rows[...] = hx
-        l -= 1
     return _result(st, out, V)
+
+
+def _tangent_sweep(st, runs, W, stop):
+    """Forward sweep of eq. 53 over layers ``0 .. stop-1``: ``(vs, g, keep)``.
+
+    ``vs[l]`` is layer ``l``'s block of the directions ``W``; ``g[l] = dz_{l-1}``
+    pushed forward (``None`` while nothing varies, ``g[0] = dz_0 = 0``);
+    ``keep[l]`` is what the layer's backward step reuses (a dense layer's
+    pre-activation derivative; a stacked run's state, at its first layer).
+    """
+    L, off = len(st.layers), st.x_offsets
+    vs = [W[:, off[l] : off[l + 1]] if st.p[l] else None for l in range(L)]
+    g, keep = [None] * L, [None] * L
+    l = 0
+    while l < stop:
+        if l in runs:  # a run of square dense layers: one stacked step (dense_run.py)
+            run = runs[l]
+            g[run.l1], keep[l] = run.forward(g[l], W)
+            l = run.l1
+            continue
+        if g[l] is not None or vs[l] is not None:  # else dz_l = 0 (nothing varies yet)
+            g[l + 1], keep[l] = _jvp_keep(st.layers[l])(st.caches[l], g[l], vs[l])
+        l += 1
+    return vs, g, keep
+
+
+def _reversed_steps(runs, top):
+    """Layers ``top .. 0`` backwards as ``(l, None)``, each stacked run once as ``(l, run)``."""
+    ends = {run.l1 - 1: run for run in runs.values()}
+    l = top
+    while l >= 0:
+        run = ends.get(l)
+        yield l, run
+        l = (run.l0 if run is not None else l) - 1
 
 
 @functools.cache
@@ -291,37 +304,23 @@ def ggn_vp(point, V):
     layers, caches, bs, off = st.layers, st.caches, st.bs, st.x_offsets
     L = len(layers)
     runs = dense_runs(point, st)
-    g, keep, l = None, {}, 0
-    while l < L - 1:
-        if l in runs:
-            g, keep[l] = runs[l].forward(g, W)
-            l = runs[l].l1
-            continue
-        v_l = W[:, off[l] : off[l + 1]] if st.p[l] else None
-        if g is not None or v_l is not None:  # else dz_l = 0 (nothing varies yet)
-            g = _jvp_keep(layers[l])(caches[l], g, v_l)[0]
-        l += 1
+    vs, g, keep = _tangent_sweep(st, runs, W, L - 1)
     out = st.xp.zeros(W.shape, dtype=st.dtype)
-    v_L = W[:, off[L - 1] : off[L]] if st.p[L - 1] else None
-    if g is None and v_L is None:  # pragma: no cover - no parameters anywhere
+    dz, v_L = g[L - 1], vs[L - 1]
+    if dz is None and v_L is None:  # pragma: no cover - no parameters anywhere
         return _result(st, out, V)
-    if g is None:
-        g = st.xp.zeros((W.shape[0], *caches[L - 1].z_prev.shape), dtype=st.dtype)
-    bprime, hx = layers[L - 1].hvp(caches[L - 1], bs[L - 1], g, v_L)
+    if dz is None:
+        dz = st.xp.zeros((W.shape[0], *caches[L - 1].z_prev.shape), dtype=st.dtype)
+    bprime, hx = layers[L - 1].hvp(caches[L - 1], bs[L - 1], dz, v_L)
     if st.p[L - 1]:
         out[:, off[L - 1] : off[L]] = hx
-    ends = {run.l1 - 1: run for run in runs.values()}
-    l = L - 2
-    while l >= 0:
-        if l in ends:
-            run = ends[l]
+    for l, run in _reversed_steps(runs, L - 2):
+        if run is not None:
             bprime = run.backward(keep[run.l0], bprime, out, second_order=False)
-            l = run.l0 - 1
             continue
         bprime, bx = layers[l].vjp(caches[l], bprime)
         if st.p[l]:
             out[:, off[l] : off[l + 1]] = bx
-        l -= 1
     return _result(st, out, V)
 
 
