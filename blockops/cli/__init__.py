@@ -40,7 +40,6 @@ def _number(kind: type, ok, what: str):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
 
-    parse.__name__ = what  # argparse names the type in its messages
     return parse
 
 
