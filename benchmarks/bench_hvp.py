@@ -28,7 +28,7 @@ on a shared 2-core CPU (+-20 %)::
         1  4096     218.5 ms    156.5 ms   ~130 ms
        32  4096     323.7 ms    241.4 ms   ~220 ms
 
-Then runs of square dense layers swept stacked (``blockops.hessian.dense_run``:
+Then runs of square dense layers swept stacked (``blockops.network.dense_sweep``:
 three array calls per layer and direction-independent terms batched over the
 run), same machine, min of 5 runs (gradient in the same run)::
 

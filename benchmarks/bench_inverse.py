@@ -20,8 +20,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from blockops.cli.problem import best_time
-from blockops.hessian.hessian import hessian, hvp
-from blockops.hessian.kkt import inverse_hessian
+from blockops.hessian import hessian, hvp
+from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
 WIDTH, DAMPING = 16, 1e-3

@@ -1,8 +1,8 @@
 """The paper's inverse route (eqs. 25-43, corrected) against the general exact route.
 
-For square networks of the valid families (``DESIGN.md`` item 1) and depths 2
+For square networks of the valid families (docs: derivation, item 1 of the route's conditions) and depths 2
 to 256, this measures the time to build and apply ``H⁻¹`` by
-:func:`blockops.hessian.woodbury.woodbury_inverse` and by
+:func:`blockops.woodbury.woodbury_inverse` and by
 ``inverse_hessian(method="kkt")``, the relative residual
 ``‖H x − g‖ / ‖g‖`` of each (``H`` the fused Hessian-vector product), their
 relative difference, and the route's condition-number estimates
@@ -24,8 +24,8 @@ from threadpoolctl import threadpool_limits
 from blockops import SingularBlockError
 from blockops.cli.problem import best_time
 from blockops.hessian import hessian
-from blockops.hessian.kkt import inverse_hessian
-from blockops.hessian.woodbury import woodbury_inverse
+from blockops.inverse import inverse_hessian
+from blockops.woodbury import woodbury_inverse
 from blockops.network import Dense, MSELoss, Pipeline, Scale, SoftmaxCrossEntropy
 
 FAMILIES = {

@@ -7,21 +7,16 @@ named pieces of eq. 24 of Rahimi (2025); see the docs' derivation page.
 >>> import blockops as bo
 >>> net = bo.Pipeline([bo.Dense(3, 8), bo.Dense(8, 2, "identity"), bo.MSELoss()])
 
-``blockops.hessian`` is the subpackage; the operator factory is
-``blockops.hessian.hessian(point, damping=..., form=..., kind=...)``.
+The rooms: :mod:`blockops.hessian` (``H`` as operators; the factory is
+``blockops.hessian.hessian(point, damping=..., form=..., kind=...)``),
+:mod:`blockops.inverse` (the exact ``(H + λI)⁻¹``), :mod:`blockops.woodbury`
+(the paper's route), :mod:`blockops.network` (layers and the ``Layer``
+contract), :mod:`blockops.operators` and :mod:`blockops.backend`.
 """
 
 from . import backend, operators, solvers
-from ._checks import SingularBlockError
-from .hessian import (
-    FusedHessian,
-    InverseHessian,
-    hessian_parts,
-    hvp,
-    inverse_hessian,
-    literal_hessian,
-    woodbury_inverse,
-)
+from .hessian import FusedHessian, hessian_parts, hvp, literal_hessian
+from .inverse import InverseHessian, inverse_hessian
 from .network import (
     AuxiliaryScalarLoss,
     Bias,
@@ -37,6 +32,8 @@ from .network import (
     SoftmaxCrossEntropy,
     activation,
 )
+from .singular import SingularBlockError
+from .woodbury import woodbury_inverse
 
 __version__ = "0.1.0"
 

@@ -11,13 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, is_cupy_array
+from .singular import SingularBlockError
 
 __all__ = [
     "FLOAT_DTYPES",
+    "KINDS",
+    "PRECISIONS",
     "SingularBlockError",
+    "check_choice",
+    "check_damping",
     "check_dtype",
     "check_finite",
+    "check_int",
+    "check_mixed_backends",
+    "check_on_backend",
     "check_same_backend",
     "check_shape",
     "check_vector",
@@ -25,20 +33,35 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+KINDS = ("hessian", "ggn")
+PRECISIONS = ("float64", "mixed", "float32")
 
 
-class SingularBlockError(np.linalg.LinAlgError, ValueError):
-    """A block that must be inverted is singular (or numerically so).
+def check_choice(owner: str, name: str, value: Any, choices: tuple) -> Any:
+    """Require ``value`` to be one of ``choices`` (``kind``, ``method``, ``form``, ...)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{owner}: {name}={value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
+    return value
 
-    Attributes
-    ----------
-    layer : int or None
-        Index of the layer (or block) where the breakdown happened.
-    """
 
-    def __init__(self, message: str, layer: int | None = None):
-        super().__init__(message)
-        self.layer = layer
+def check_damping(owner: str, damping: Any) -> float:
+    """``λ`` as a float; it must be real, finite and ``>= 0``."""
+    try:
+        lam = float(damping)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: damping={damping!r}; expected a real number >= 0") from None
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"{owner}: damping={lam}; expected a finite value >= 0")
+    return lam
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``; floats, bools and ``None`` are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}: {name}={value!r}; expected an integer >= {minimum}")
+    return int(value)
 
 
 def check_dtype(owner: str, name: str, x: Any) -> np.dtype:
@@ -78,10 +101,25 @@ def check_same_backend(owner: str, **arrays: Any) -> Any:
         return get_array_module(*arrays.values())
     except TypeError:
         kinds = {k: type(v).__module__.split(".")[0] for k, v in arrays.items() if v is not None}
+        raise TypeError(f"{owner}: arrays live on different backends {kinds}; {_MOVE}") from None
+
+
+def check_on_backend(owner: str, name: str, x: Any, xp: Any) -> None:
+    """Require ``x`` to live on the array module ``xp`` (NumPy or CuPy)."""
+    if is_cupy_array(x) != (xp is not np):
         raise TypeError(
-            f"{owner}: arrays live on different backends {kinds}; "
-            "move them to one backend first (blockops.backend.as_backend)"
-        ) from None
+            f"{owner}: {name} is a {type(x).__module__.split('.')[0]} array but {owner} holds "
+            f"{xp.__name__} arrays; move it to one backend first (blockops.backend.as_backend)"
+        )
+
+
+_MOVE = "move them to one backend first (blockops.backend.as_backend)"
+
+
+def check_mixed_backends(owner: str, mixed: bool) -> None:
+    """Raise the one mixed-backend error for blocks of an operator when ``mixed``."""
+    if mixed:
+        raise TypeError(f"{owner}: blocks live on different backends (NumPy and CuPy); {_MOVE}")
 
 
 def check_vector(owner: str, x: Any, n: int, name: str = "x") -> None:

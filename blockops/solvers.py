@@ -20,7 +20,7 @@ Which preconditioner fits which solver (``M`` approximates ``A⁻¹``):
 
 * **CG** needs ``A`` and ``M`` symmetric positive definite: use it for
   ``H + λI`` only when that is PD (convex region, or large ``λ``), with ``M`` =
-  :func:`~blockops.hessian.kkt.inverse_hessian` of the same (or a nearby)
+  :func:`~blockops.inverse.inverse_hessian` of the same (or a nearby)
   point, or :func:`positive_preconditioner`.
 * **MINRES** takes a symmetric indefinite ``A`` but needs a symmetric
   **positive definite** ``M``: the exact inverse of an indefinite ``H`` is not
@@ -157,7 +157,7 @@ def positive_preconditioner(point, damping, method="auto", refine=0):
     same stagewise sweep as the Hessian (zero weightings ``b_l`` on hidden
     layers leave exactly the GGN's stage blocks).
     """
-    from .hessian.kkt import InverseHessian
+    from .inverse import InverseHessian
 
     if not damping > 0:
         raise ValueError(

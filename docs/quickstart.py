@@ -1,7 +1,7 @@
 import numpy as np
 
 from blockops.hessian import hessian
-from blockops.hessian.kkt import inverse_hessian
+from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
 rng = np.random.default_rng(0)

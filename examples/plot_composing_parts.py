@@ -2,7 +2,7 @@ r"""
 Composing the named parts of the Hessian in user code
 =====================================================
 
-:func:`~blockops.hessian.hessian_parts` returns the operators of eq. 24 —
+:func:`~blockops.hessian_parts` returns the operators of eq. 24 —
 ``M``, ``Minv``, ``P``, ``Dx``, ``DD``, ``DM``, ``Dxx``, ``Dxz``, ``Dzx``,
 ``Dzz`` — as :class:`pylops.LinearOperator` objects. They compose with ``@``,
 ``+``, ``.H`` like matrices, and nothing is formed. This example builds, in a
@@ -26,7 +26,7 @@ import numpy as np
 import pylops
 
 from blockops.hessian import hessian, hessian_parts, hvp
-from blockops.hessian.kkt import inverse_hessian
+from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
 QUICK = os.environ.get("BLOCKOPS_EXAMPLE_QUICK", "0") == "1"

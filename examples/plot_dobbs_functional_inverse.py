@@ -90,7 +90,7 @@ def as_pipeline(n, f, grad, hvp):
 def exact_inverse(net, x, X, y, v):
     """blockops' exact ``H⁻¹ v`` (the lifted KKT / Riccati route), or ``None`` if absent."""
     try:
-        from blockops.hessian.kkt import inverse_hessian
+        from blockops.inverse import inverse_hessian
     except ImportError:
         return None
     pt = net.linearize(x, X, y)

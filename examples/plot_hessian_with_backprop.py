@@ -161,7 +161,7 @@ fig.tight_layout()
 # 3. Damped Newton with the exact inverse, next to Adam
 # -----------------------------------------------------
 # Each Newton step solves :math:`(H + \lambda I)s = -g` exactly with
-# :func:`blockops.hessian.kkt.inverse_hessian` (the lifted KKT / Riccati
+# :func:`blockops.inverse.inverse_hessian` (the lifted KKT / Riccati
 # route; :math:`H` may be indefinite). The damping :math:`\lambda` plays the
 # role of a trust-region radius: it shrinks when the quadratic model
 # predicts the actual decrease well and grows when it does not
@@ -169,7 +169,7 @@ fig.tight_layout()
 # tuned learning rate.
 
 try:
-    from blockops.hessian.kkt import inverse_hessian
+    from blockops.inverse import inverse_hessian
 except ImportError:  # the exact inverse is not installed: skip this part
     inverse_hessian = None
 

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.sparse.linalg import cg, gmres, minres
 
 from blockops.hessian import hessian
-from blockops.hessian.kkt import inverse_hessian
+from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
 QUICK = os.environ.get("BLOCKOPS_EXAMPLE_QUICK", "0") == "1"

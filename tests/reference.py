@@ -7,7 +7,7 @@ so JAX's ``grad`` / ``jacfwd`` / ``hessian`` of these functions are
 independent references for the gradient, the Hessian and every per-layer
 derivative block.
 
-Layouts (``DESIGN.md``): the flat parameter vector is ``concat(x_1, ..., x_L)``;
+Layouts (docs: architecture, "Conventions"): the flat parameter vector is ``concat(x_1, ..., x_L)``;
 ``Dense``/``Residual``: ``x = concat(W.ravel(), c)``, ``W`` ``(n_out, n_in)``
 row-major, ``z = σ(z_prev Wᵀ + c)`` (Residual: ``z_prev + h σ(...)``);
 ``Bias``: ``σ(z + x)``; ``Scale``: ``σ(x z)``; ``Elementwise``: ``σ(z)``;

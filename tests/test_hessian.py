@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pylops.utils import dottest
 
 from blockops.hessian import FusedHessian, hessian, hvp
-from blockops.hessian.dense_run import dense_runs
-from blockops.hessian.hessian import ggn_vp
+from blockops.hessian import ggn_vp
+from blockops.hessian.fused import stacked_runs
 from blockops.hessian.parts import point_structure
 from blockops.network import Pipeline
 
@@ -268,7 +268,7 @@ def test_fused_hessian_attributes(indefinite):
     seed=st.integers(0, 10_000),
 )
 def test_stacked_dense_runs_match_jax(width, depth, batch, k, acts, loss, seed):
-    """Runs of square Dense layers (the stacked sweep of dense_run.py), with other
+    """Runs of square Dense layers (the stacked sweep of network/dense_sweep.py), with other
     layers around them, against jax.hessian and the JAX Gauss-Newton matrix."""
     w = width + 1  # two classes at least, so the softmax Hessian is not zero
     layers = [ref.make_layer("Dense", w + 1, w, acts[0])]  # not square: not in a run
@@ -286,7 +286,7 @@ def test_stacked_dense_runs_match_jax(width, depth, batch, k, acts, loss, seed):
     case = ref.Case(net, net.init(seed=seed), X, y)
     pt = net.linearize(case.x, X, y)
     V = rng.standard_normal((net.n_params, k))
-    assert set(dense_runs(pt, point_structure(pt))) == {1, depth + 1}  # two stacked runs
+    assert set(stacked_runs(pt, point_structure(pt))) == {1, depth + 1}  # two stacked runs
     assert rel(hvp(pt, V), jax_hessian(case) @ V) <= 1e-10
     G = ref.ggn(net.spec(), case.x, X, y)
     assert rel(ggn_vp(pt, V), G @ V) <= 1e-10

@@ -19,9 +19,10 @@ import reference
 import scipy.linalg.lapack
 
 from blockops import SingularBlockError
-from blockops.backend import generic_linalg, host_lapack
-from blockops.hessian.kkt import inverse_hessian
-from blockops.hessian.stagewise import DenseStage, StagewiseFactor, stages_from_point
+from blockops.backend import BlockQR, generic_linalg, host_lapack
+from blockops.backend.kernels import _GenericSymmetric
+from blockops.inverse import inverse_hessian
+from blockops.inverse.stagewise import ExplicitStage, StagewiseFactor, stages_from_point
 from blockops.network import Bias, Dense, MSELoss, Pipeline
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -104,10 +105,14 @@ def test_generic_matches_lapack_and_dense_reference(name, layers, batch, lam, me
     assert Hi.method == ref.method == ("kkt" if method == "kkt" else "riccati")
     if "large" in name:  # the Kronecker-structured (B a > 32) form of the low-rank stage
         assert not Hi._factor.stages[0].small
-    if method == "riccati":  # really the generic kernels
-        assert not any(st.lapack for st in Hi._factor.stages)
+    if method == "riccati":  # really the generic kernels: eigenvalues judged the pivots
+        for st in Hi._factor.stages:
+            if isinstance(st, ExplicitStage):
+                assert isinstance(st.pivot, _GenericSymmetric)
+            else:
+                assert st._eigT is not None
     else:
-        assert Hi._factor._fac is not None  # the generic block factorisation
+        assert isinstance(Hi._factor._fac, BlockQR)  # the generic block factorisation
     np.testing.assert_array_equal(G, G0)
     Xl = ref @ G
     assert np.linalg.norm(Xg - Xl) / np.linalg.norm(Xl) <= 1e-10
@@ -126,7 +131,8 @@ def test_generic_dense_stage_for_dense_layers():
     Fl = StagewiseFactor(stages_from_point(pt, lam, structured=False))
     with generic_linalg():
         Fg = StagewiseFactor(stages_from_point(pt, lam, structured=False))
-    assert all(isinstance(st, DenseStage) and not st.lapack for st in Fg.stages)
+    assert all(isinstance(st, ExplicitStage) for st in Fg.stages)
+    assert all(isinstance(st.pivot, _GenericSymmetric) for st in Fg.stages)
     Xl, Xg = Fl.solve(G), Fg.solve(G)
     assert np.linalg.norm(Xg - Xl) / np.linalg.norm(Xl) <= 1e-10
     assert _rel(Hl, Xg, G) <= 1e-10  # no refinement here: the bare sweep
@@ -137,8 +143,7 @@ def test_generic_dense_stage_for_dense_layers():
 
 def test_generic_path_never_calls_host_lapack(monkeypatch):
     """Inside generic_linalg nothing reaches scipy.linalg.lapack (absent on CuPy)."""
-    import blockops.hessian.lowrank as lowrank
-    import blockops.operators.block_tridiagonal_factor as btf
+    import blockops.backend.banded as btf
 
     def refuse(*args, **kwargs):
         raise AssertionError("host LAPACK called on the generic path")
@@ -147,7 +152,6 @@ def test_generic_path_never_calls_host_lapack(monkeypatch):
     pt = net.linearize(x, X, y)
     g = np.ones(net.n_params)
     monkeypatch.setattr(scipy.linalg.lapack, "get_lapack_funcs", refuse)
-    monkeypatch.setattr(lowrank, "get_lapack_funcs", refuse)
     monkeypatch.setattr(btf, "get_lapack_funcs", refuse)
     with generic_linalg():
         for method in ("riccati", "kkt"):
@@ -186,7 +190,7 @@ def test_singular_dense_stage_same_error():
 
     def factor():
         StagewiseFactor(
-            [DenseStage(*s, 0.0, i + 1, f"layer {i + 1}") for i, s in enumerate(stages)]
+            [ExplicitStage(*s, 0.0, i + 1, f"layer {i + 1}") for i, s in enumerate(stages)]
         )
 
     lap, gen = _both(factor)

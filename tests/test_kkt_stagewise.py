@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockops import SingularBlockError
-from blockops.hessian.stagewise import DenseStage, StagewiseFactor
+from blockops.inverse.stagewise import ExplicitStage, StagewiseFactor
 
 
 def rand_stages(rng, widths, ps, B, dtype=np.float64):
@@ -53,7 +53,7 @@ def dense_H(stages):
 
 def factor(stages, lam):
     return StagewiseFactor(
-        [DenseStage(*s, lam, i + 1, f"layer {i + 1}") for i, s in enumerate(stages)]
+        [ExplicitStage(*s, lam, i + 1, f"layer {i + 1}") for i, s in enumerate(stages)]
     )
 
 

@@ -152,7 +152,7 @@ def test_layer_against_jax(kind, act):
         assert rel_err(Dz[j], R.djac_apply(spec_l, z, x, dz[j], dx[j], "z", y)) <= TOL64
         if p:
             assert rel_err(Dx[j], R.djac_apply(spec_l, z, x, dz[j], dx[j], "x", y)) <= TOL64
-    # contracting djac_x with b gives the hvp's parameter part (DESIGN: K_xz dz + K_xx dx)
+    # contracting djac_x with b gives the hvp's parameter part (eq. 24: K_xz dz + K_xx dx)
     if p:
         assert rel_err(np.einsum("si,ksip->kp", b, Dx), layer.hvp(c, b, dz, dx)[1]) <= TOL64
     # b Dzz dz + b Dxz dx is the z-part of the hvp: b contracted with d(∇_z f)

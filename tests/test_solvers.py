@@ -11,8 +11,8 @@ import pytest
 import reference
 
 from blockops import solvers
-from blockops.hessian.hessian import hessian
-from blockops.hessian.kkt import inverse_hessian
+from blockops.hessian import hessian
+from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
 
 

@@ -1,4 +1,4 @@
-"""Tests of the paper's inverse route (eqs. 25-43, corrected): blockops.hessian.woodbury.
+"""Tests of the paper's inverse route (eqs. 25-43, corrected): blockops.woodbury.
 
 References are independent of the code under test: the JAX dense Hessian of
 ``tests/reference.py``, dense NumPy solves, and (for exactness independent of
@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from pylops.utils import dottest
 
 from blockops import SingularBlockError
-from blockops.hessian.woodbury import (
+from blockops.woodbury import (
     WoodburyConditionWarning,
     WoodburyRoute,
     woodbury_inverse,
 )
-from blockops.hessian.woodbury_blocks import scalar_view
+from blockops.woodbury.blocks import scalar_view
 from blockops.network import Bias, Dense, MSELoss, Pipeline, Scale, SoftmaxCrossEntropy
 from blockops.network.auxiliary import AuxiliaryScalarLoss
 
@@ -454,7 +454,7 @@ def test_residual_certificate():
 
 
 def test_inverse_hessian_method_woodbury():
-    from blockops.hessian.kkt import inverse_hessian
+    from blockops.inverse import inverse_hessian
 
     pipe, x, X, y = family("bias", 3, 3, seed=8)
     pt = pipe.linearize(x, X, y)

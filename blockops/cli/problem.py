@@ -186,18 +186,18 @@ def make_problem(
 
 # -- wrappers over the library ------------------------------------------------------------
 def hessian_operator(point, damping: float = 0.0, kind: str = "hessian", form: str = "fused"):
-    """``H + λI`` (or ``G + λI``) as a LinearOperator (:func:`blockops.hessian.hessian`)."""
+    """``H + λI`` (or ``G + λI``) as a LinearOperator (:func:`blockops.hessian`)."""
     mod = _component("blockops.hessian", "the Hessian operators")
     return mod.hessian(point, damping=damping, form=form, kind=kind)
 
 
 def exact_inverse(point, damping: float, **kw):
-    """The exact ``(H + λI)⁻¹`` operator (:func:`blockops.hessian.kkt.inverse_hessian`).
+    """The exact ``(H + λI)⁻¹`` operator (:func:`blockops.inverse.inverse_hessian`).
 
     It runs with as many BLAS threads as the caller allows (the command line
     sets them with ``--threads``), unless ``threads=`` is given.
     """
-    mod = _component("blockops.hessian.kkt", "the exact inverse Hessian")
+    mod = _component("blockops.inverse", "the exact inverse Hessian")
     kw.setdefault("threads", _blas_threads())
     if "kind" in kw and "kind" not in inspect.signature(mod.inverse_hessian).parameters:
         # the operator class takes kind= ("hessian" | "ggn") where the factory does not yet

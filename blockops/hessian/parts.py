@@ -40,7 +40,7 @@ shifted ``z`` space (size ``B Σ_{l=0}^{L-1} n_l``)
     ``b_{l,s}`` (``I_{n_{l-1}} ⊗ b_{l,s}``, eqs. 19-21), which is the paper's
     ``I ⊗ b_l`` restricted to the non-zero blocks.
 
-Indexing (``DESIGN.md``, "The mathematics"): the second-derivative tensors of
+Indexing (docs: derivation, "The mathematics"): the second-derivative tensors of
 layer ``l`` are taken at ``(z_{l-1}, x_l)`` and pair with ``b_l`` of the same
 ``l``; ``P`` delivers ``dz_{l-1}`` to layer ``l``.
 """
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 from pylops import LinearOperator
 
-from .._checks import check_dtype
-from ..backend import get_array_module, is_cupy_array
+from .._checks import check_dtype, check_on_backend
+from ..backend import backend_name, get_array_module
 from ..operators import BlockBidiagonal, BlockDiagonal, KronContract, Shift
 
 __all__ = ["HessianParts", "Layerwise", "hessian_parts", "point_structure"]
@@ -82,13 +82,16 @@ class PointStructure:
 def point_structure(point) -> PointStructure:
     """Layers, caches, ``b_l`` and the sizes of the spaces of a linearised point.
 
-    Works with any object holding ``caches`` and ``bs`` (one per layer) and
-    the layers as ``layers`` or ``pipeline.layers``.
+    Built once per :class:`~blockops.network.Point` (kept in ``point.memo``).
     """
-    layers = getattr(point, "layers", None)
-    if layers is None:
-        layers = point.pipeline.layers
-    layers = list(layers)
+    memo = point.memo
+    if "structure" not in memo:
+        memo["structure"] = _structure(point)
+    return memo["structure"]
+
+
+def _structure(point) -> PointStructure:
+    layers = list(point.layers)
     caches, bs = list(point.caches), list(point.bs)
     if not (len(layers) == len(caches) == len(bs)) or not layers:
         raise ValueError(
@@ -203,8 +206,7 @@ class Layerwise(LinearOperator):
         return out
 
     def _check(self, X, n):
-        if is_cupy_array(X) != (self.xp is not np):
-            raise TypeError(f"{self.name}: input lives on another backend than the point")
+        check_on_backend(self.name, "input", X, self.xp)
         if X.shape[0] != n:
             raise ValueError(f"{self.name}: input has shape {tuple(X.shape)}; expected ({n}, ...)")
 
@@ -286,21 +288,13 @@ def hessian_parts(point) -> HessianParts:
         (they call the layers' ``djac_*`` and adjoints).
     """
     st = point_structure(point)
-    layers, caches = st.layers, st.caches
+    layers = st.layers
     B, n, p = st.B, st.n, st.p
-    # a Point caches its Jacobians; a bare structure (e.g. a cast point) builds them
-    if hasattr(point, "jacobians_z"):
-        jz = point.jacobians_z()
-    else:
-        jz = [ly.jacobian_z(c) for ly, c in zip(layers, caches)]
-    if hasattr(point, "jacobians_x"):
-        jx = point.jacobians_x()
-    else:
-        jx = [ly.jacobian_x(c) for ly, c in zip(layers, caches)]
+    jz, jx = point.jacobians_z(), point.jacobians_x()  # built once per point
     # M (eq. 7): -∇_z f_l below the diagonal, l = 2..L; sub[j] sits at block (j+1, j)
     M = BlockBidiagonal([-J for J in jz[1:]], name="M", block_sizes=[B * m for m in n[1:]])
     Minv = M.inverse()
-    P = Shift([B * m for m in n], dtype=st.dtype, backend="numpy" if st.xp is np else "cupy")
+    P = Shift([B * m for m in n], dtype=st.dtype, backend=backend_name(st.xp))
     # Dx (eq. 6): (B n_l, p_l) Jacobians; sample-major rows as in the z space
     Dx = BlockDiagonal(
         [jx[l].reshape(B * n[l + 1], p[l]) for l in range(len(layers))],

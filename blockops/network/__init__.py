@@ -1,7 +1,7 @@
 """Layered pipelines: layers, losses, forward pass, backprop and per-layer derivative blocks.
 
 See :mod:`blockops.network.layer` for the interface and shape conventions,
-and ``DESIGN.md`` for the parameter layouts.
+and the docs (architecture, "Conventions") for the parameter layouts.
 """
 
 from .activations import ACTIVATIONS, Activation, activation, get_activation

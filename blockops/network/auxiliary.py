@@ -1,6 +1,6 @@
 r"""A loss with a decoupled auxiliary scalar: ``f_L = loss(z_{L-1}) + s²/2``.
 
-The paper's inverse route (eqs. 25-43, see :mod:`blockops.hessian.woodbury`)
+The paper's inverse route (eqs. 25-43, see :mod:`blockops.woodbury`)
 needs every ``∇_x f_l`` square and invertible, the loss layer included: the
 scalar loss must then have exactly one parameter. A plain loss has none.
 :class:`AuxiliaryScalarLoss` adds one, ``s``, that enters only through

@@ -17,7 +17,8 @@ Per sample ``s`` with pre-activation ``t_s = W z_s + c``, ``σ' = d1``,
   ``K_xz[(i,j), s] = w_{s,i} z_{s,j} W_i + g_{s,i} e_j`` and
   ``K_xz[c_i, s] = w_{s,i} W_i``.
 
-``Cache.extra`` (read by the Hessian and the stagewise solver by name):
+``Cache.extra`` (read only here and by the dense layer's fast paths beside it,
+:mod:`~blockops.network.dense_sweep` and :mod:`~blockops.network.dense_stage`):
 
 ``W``
     ``(n_out, n_in)`` view into ``x``.
@@ -183,6 +184,30 @@ class Dense(Layer):
             k = dz_prev.shape[0]
             hx[:, : self._nW] += (g.T @ dz_prev).reshape(k, self._nW)
         return hz, hx
+
+    # -- registered fast paths -------------------------------------------------------
+    def stack_key(self):
+        """Runs of plain square dense layers of one width are swept stacked by the HVP.
+
+        Only the exact type (a subclass may change the maths).
+        """
+        return ("dense", self.n_in) if type(self) is Dense and self.n_in == self.n_out else None
+
+    @classmethod
+    def stacked_sweep(cls, caches, bs, cols):
+        from .dense_sweep import DenseRun
+
+        return DenseRun(caches, bs, cols)
+
+    def stage_key(self):
+        """Consecutive plain dense layers share the structured (low-rank) inverse stage."""
+        return "dense" if type(self) is Dense else None
+
+    @classmethod
+    def structured_stages(cls, layers, caches, bs, damping, first_index):
+        from .dense_stage import dense_segments
+
+        return dense_segments(layers, caches, bs, damping, first_index)
 
     # -- explicit blocks ---------------------------------------------------------
     def jacobian_z(self, cache):

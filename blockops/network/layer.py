@@ -1,7 +1,7 @@
 r"""The layer interface: one stage ``z_l = f_l(z_{l-1}; x_l)`` of a pipeline.
 
-Shapes and conventions (see ``DESIGN.md``, "Conventions")
----------------------------------------------------------
+Shapes and conventions (docs: architecture, "Conventions")
+----------------------------------------------------------
 * A batch of ``B`` samples is stacked in the activations: ``z_prev`` has shape
   ``(B, n_in)`` and ``z = f(z_prev; x)`` has shape ``(B, n_out)``. Flat
   vectors are sample-major (``z.ravel()``).
@@ -30,23 +30,48 @@ The second-order pieces of eq. 24 for layer ``l``, all at ``(z_{l-1}, x_l)``:
   ``∇_z f`` (``(B, n_out, n_in)``, eq. 22). Their adjoints map such arrays back.
   Contracting ``djac_x`` with ``b`` over ``(s, i)`` gives ``K_xz dz + K_xx dx``.
 
-A custom layer must implement ``forward``, ``jvp``, ``vjp`` and ``hvp``; the
-explicit blocks (``jacobian_z``, ``jacobian_x``, ``hessian_blocks``) have
-generic fallbacks built from those actions (slow: ``n_in + n_params``
-directions), which structured layers override. ``djac_*`` are needed only for
-the literal eq. 24 form.
+The contract
+------------
+Every hook the rest of blockops calls is declared on :class:`Layer` below,
+with a generic default where one exists. A new layer type implements
+``forward``, ``jvp``, ``vjp`` and ``hvp`` and gets everything else: the
+explicit blocks (``jacobian_z``, ``jacobian_x``, ``hessian_blocks``) fall back
+to ``n_in + n_params`` directions of those actions, the fused HVP to
+``jvp`` + ``hvp`` + ``vjp``, the exact inverse to a generic stage built from
+the explicit blocks. ``djac_*`` are needed only for the literal eq. 24 form.
+
+A layer may register fast paths beside itself (see ``docs/adding_a_layer``):
+
+* ``jvp_keep`` / ``hvp_vjp``: the fused HVP's per-layer steps;
+* ``stack_key`` / ``stacked_sweep``: consecutive layers with one key are
+  swept together by the fused HVP (the dense layer's stacked runs);
+* ``stage_key`` / ``structured_stages``: consecutive layers with one key form
+  structured stages of the exact inverse (the dense layer's low-rank stage),
+  objects following :class:`InverseStage`.
+
+No module outside :mod:`blockops.network` names a concrete layer class or
+reads a cache's ``extra``: what a fast path needs from a cache, its layer
+reads.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..backend import get_array_module
 
-__all__ = ["Cache", "Layer"]
+__all__ = ["Cache", "InverseStage", "Layer", "fused_steps"]
+
+
+def _cast(a, dtype):
+    if isinstance(a, Cache):
+        return a.astype(dtype)
+    return a.astype(dtype) if hasattr(a, "dtype") and a.dtype.kind == "f" else a
 
 
 @dataclass
@@ -62,6 +87,51 @@ class Cache:
     x: Any
     z: Any
     extra: dict = field(default_factory=dict)
+
+    def astype(self, dtype) -> Cache:
+        """A copy with every floating array (nested caches included) cast to ``dtype``."""
+        return Cache(
+            _cast(self.z_prev, dtype),
+            _cast(self.x, dtype),
+            _cast(self.z, dtype),
+            {k: _cast(v, dtype) for k, v in self.extra.items()},
+        )
+
+
+class InverseStage(Protocol):
+    """One stage of the stagewise sweep of the exact inverse (``blockops.inverse``).
+
+    A stage covers ``nlayers`` consecutive layers with ``p`` parameters in
+    all; its state ``s`` is ``dz`` at its input (``n_in`` rows) and its value
+    matrix ``V`` lives on ``dz`` at its output (``n_out`` rows).
+
+    ``factor(V)``
+        One backward Riccati step: store the pivots, return ``V`` at the
+        input (``V = None`` means zero, at the top of the sweep).
+    ``backward(v, g)``
+        Linear-term step for right-hand sides ``g`` (``(p, k)``): returns
+        ``(v_in, ctx)``.
+    ``forward(s, ctx)``
+        Returns ``(u, s_out)``: the solution's ``(p, k)`` rows and the state
+        at the output (``s = None`` means zero).
+    ``inertia``, ``logdet``
+        Of the stage pivots (Haynsworth: they add up over stages).
+    """
+
+    p: int
+    nlayers: int
+
+    def factor(self, V): ...
+
+    def backward(self, v, g): ...
+
+    def forward(self, s, ctx): ...
+
+    @property
+    def inertia(self) -> tuple: ...
+
+    @property
+    def logdet(self) -> float: ...
 
 
 class Layer:
@@ -177,3 +247,85 @@ class Layer:
     def djac_z_T(self, cache: Cache, T):
         """Adjoint of :meth:`djac_z`: ``T (k, B, n_out, n_in) -> (dz_prev, dx)``."""
         raise NotImplementedError(f"{type(self).__name__} has no djac_z_T (literal eq. 24 form)")
+
+    # -- the fused HVP's per-layer steps (generic defaults) -----------------------
+    def jvp_keep(self, cache: Cache, dz_prev, dx):
+        """``jvp`` without input checks, plus what :meth:`hvp_vjp` may reuse.
+
+        Returns ``(dz, keep)``; the default keeps nothing (``keep = None``).
+        """
+        return self.jvp(cache, dz_prev, dx), None
+
+    def hvp_vjp(self, cache: Cache, b, dz_prev, dx, bprime=None, keep=None, out=None):
+        """``hvp(b, dz_prev, dx) + vjp(bprime)`` in one step: ``(hz + bz, hx + bx)``.
+
+        ``bprime`` (``(k, B, n_out)``) may be ``None`` (zero); ``keep`` is what
+        :meth:`jvp_keep` returned; a layer may write ``hx`` into ``out``
+        (``(k, n_params)``) and return it. The default calls :meth:`hvp` and
+        :meth:`vjp`.
+        """
+        hz, hx = self.hvp(cache, b, dz_prev, dx)
+        if bprime is None:
+            return hz, hx
+        bz, bx = self.vjp(cache, bprime)
+        if self.n_params:
+            hx = hx + bx
+        return hz + bz, hx
+
+    # -- registered fast paths (none by default) ------------------------------------
+    def stack_key(self) -> Hashable | None:
+        """Key under which consecutive layers are swept together by the fused HVP.
+
+        ``None`` (the default): per-layer steps. Layers ``l0 .. l1-1`` with one
+        non-``None`` key (and not the loss) are handed to ``stacked_sweep``.
+        """
+        return None
+
+    @classmethod
+    def stacked_sweep(cls, caches, bs, cols):
+        """The stacked sweep of layers returning one :meth:`stack_key`.
+
+        Returns an object with ``forward(g_in, V) -> (g_out, state)`` and
+        ``backward(state, bprime, out, second_order=True) -> b'_in`` (see
+        :mod:`blockops.network.dense_sweep`); ``cols`` is the slice of the
+        run's parameters in the flat vector.
+        """
+        raise TypeError(f"{cls.__name__} returns a stack_key but defines no stacked_sweep")
+
+    def stage_key(self) -> Hashable | None:
+        """Key under which consecutive layers form structured stages of the exact inverse.
+
+        ``None`` (the default): a generic stage from the explicit blocks.
+        """
+        return None
+
+    @classmethod
+    def structured_stages(cls, layers, caches, bs, damping, first_index) -> list:
+        """:class:`InverseStage` objects for consecutive layers returning one :meth:`stage_key`."""
+        raise TypeError(f"{cls.__name__} returns a stage_key but defines no structured_stages")
+
+
+@functools.cache
+def _fusable(cls) -> tuple[bool, bool]:
+    def owner(name):
+        return next(k for k in cls.__mro__ if name in vars(k))
+
+    def fusable(fused, *parts):
+        f = owner(fused)
+        return all(issubclass(f, owner(p)) for p in parts)
+
+    return fusable("jvp_keep", "jvp"), fusable("hvp_vjp", "hvp", "vjp")
+
+
+def fused_steps(layer: Layer):
+    """``(jvp_keep, hvp_vjp)`` of ``layer`` as the fused HVP may call them.
+
+    A layer's own fused steps stand in for ``jvp`` / ``hvp`` + ``vjp`` only
+    when they are defined at least as far down the class tree as the methods
+    they fuse: a subclass that overrides ``hvp`` but inherits ``hvp_vjp``
+    keeps its own ``hvp`` through the generic defaults.
+    """
+    keep_ok, step_ok = _fusable(type(layer))
+    jvp_keep = layer.jvp_keep if keep_ok else functools.partial(Layer.jvp_keep, layer)
+    hvp_vjp = layer.hvp_vjp if step_ok else functools.partial(Layer.hvp_vjp, layer)
+    return jvp_keep, hvp_vjp

@@ -25,13 +25,13 @@ Both agree with JAX to 3e-16.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .._checks import FLOAT_DTYPES, check_dtype, check_finite, check_same_backend, result_dtype
-from ..backend import as_backend, get_array_module
+from ..backend import as_backend, backend_name, get_array_module, xp_for
 from .layer import Layer
 from .losses import Loss
 
@@ -45,6 +45,12 @@ DEFAULT_METHOD = "vjp"
 class Point:
     """A pipeline linearised at ``(params, X, y)``: forward and backward pass results.
 
+    The protocol the Hessian and inverse rooms read: the attributes below,
+    :meth:`jacobians_z` / :meth:`jacobians_x` (built once), :meth:`astype`,
+    :meth:`gauss_newton` and :attr:`memo`, a public cache in which those
+    rooms keep what they derive from the point once (stacked sweeps, sizes).
+    A point holds private copies of the caller's arrays and never changes.
+
     Attributes
     ----------
     pipeline : Pipeline
@@ -53,7 +59,7 @@ class Point:
     xs : list of arrays
         Per-layer views ``x_l`` of ``params``.
     X, y
-        Inputs ``(B, n_0)`` and targets as passed to the loss.
+        Inputs ``(B, n_0)`` and targets as passed to the loss (private copies).
     caches : list of Cache
         ``caches[l]`` for layer ``l + 1`` (0-based list, 1-based names).
     zs : list of arrays
@@ -66,8 +72,10 @@ class Point:
     gradient : array ``(n_params,)``
     batch_size : int
     dtype : numpy dtype
-    xp : module
-        Array module (NumPy or CuPy).
+    backend : str
+        ``"numpy"`` or ``"cupy"`` (:attr:`xp` is its array module).
+    memo : dict
+        Objects derived from the point once and kept (read-only for users).
     """
 
     pipeline: Any
@@ -82,8 +90,13 @@ class Point:
     gradient: Any
     batch_size: int
     dtype: Any
-    xp: Any
-    _lazy: dict = field(default_factory=dict, repr=False)
+    backend: str
+    memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def xp(self):
+        """The array module of the point's arrays."""
+        return xp_for(self.backend)
 
     @property
     def layers(self) -> list:
@@ -93,17 +106,59 @@ class Point:
     def n_layers(self) -> int:
         return len(self.caches)
 
+    @property
+    def n_params(self) -> int:
+        return self.pipeline.n_params
+
     def jacobians_z(self) -> list:
-        """``[∇_z f_l]``, each ``(B, n_out_l, n_in_l)`` (computed once, then cached)."""
-        if "jz" not in self._lazy:
-            self._lazy["jz"] = [ly.jacobian_z(c) for ly, c in zip(self.layers, self.caches)]
-        return self._lazy["jz"]
+        """``[∇_z f_l]``, each ``(B, n_out_l, n_in_l)`` (computed once, then kept in memo)."""
+        if "jz" not in self.memo:
+            self.memo["jz"] = [ly.jacobian_z(c) for ly, c in zip(self.layers, self.caches)]
+        return self.memo["jz"]
 
     def jacobians_x(self) -> list:
-        """``[∇_x f_l]``, each ``(B, n_out_l, n_params_l)`` (computed once, then cached)."""
-        if "jx" not in self._lazy:
-            self._lazy["jx"] = [ly.jacobian_x(c) for ly, c in zip(self.layers, self.caches)]
-        return self._lazy["jx"]
+        """``[∇_x f_l]``, each ``(B, n_out_l, n_params_l)`` (computed once, then kept in memo)."""
+        if "jx" not in self.memo:
+            self.memo["jx"] = [ly.jacobian_x(c) for ly, c in zip(self.layers, self.caches)]
+        return self.memo["jx"]
+
+    def __getstate__(self):
+        """Pickle without :attr:`memo` (derived objects hold array modules; rebuilt on use)."""
+        return {**self.__dict__, "memo": {}}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    def astype(self, dtype) -> Point:
+        """The point with every floating array cast to ``dtype`` (itself if already so)."""
+        dt = np.dtype(dtype)
+        if dt == np.dtype(self.dtype):
+            return self
+        cast = [c.astype(dt) for c in self.caches]
+        return replace(
+            self,
+            params=self.params.astype(dt),
+            xs=[c.x for c in cast],
+            X=self.X.astype(dt),
+            caches=cast,
+            zs=[cast[0].z_prev] + [c.z for c in cast],
+            bs=[b.astype(dt) for b in self.bs],
+            gradient=self.gradient.astype(dt),
+            dtype=dt,
+            memo={},
+        )
+
+    def gauss_newton(self) -> Point:
+        """The point with every hidden weighting ``b_l`` (``l < L``) set to zero.
+
+        Each layer's second-order block ``K_l`` is linear in ``b_l``, so every
+        second-order piece of eq. 24 at this point keeps only the loss layer's
+        curvature: the Hessian of the result is the generalized Gauss-Newton
+        matrix of this point. First-order quantities are unchanged.
+        """
+        bs = [b * 0 for b in self.bs[:-1]] + [self.bs[-1]]
+        return replace(self, bs=bs, memo={})
 
 
 class Pipeline:
@@ -339,6 +394,7 @@ class Pipeline:
         x, X, y, xp, dt = self._check(x, X, y)
         params = x.copy()  # caches hold views: isolate them from later caller edits
         X = X.copy()
+        y = xp.array(y, copy=True)  # the loss keeps y: a later edit by the caller must not move H
         caches = self._forward(params, X, y)
         bs, grads = self._backward(caches, xp, dt, method)
         return Point(
@@ -354,5 +410,5 @@ class Pipeline:
             gradient=xp.concatenate(grads),
             batch_size=X.shape[0],
             dtype=np.dtype(dt),
-            xp=xp,
+            backend=backend_name(xp),
         )

@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 from pylops import LinearOperator
 
-from .._checks import SingularBlockError, check_dtype, check_finite, result_dtype
-from ..backend import get_array_module, get_linalg, is_cupy_array
+from .._checks import (
+    SingularBlockError,
+    check_dtype,
+    check_finite,
+    check_mixed_backends,
+    check_on_backend,
+    result_dtype,
+)
+from ..backend import backend_name, get_array_module, get_linalg, is_cupy_array
 
 __all__ = [
     "BlockOperator",
@@ -44,12 +51,7 @@ __all__ = [
 def backend_of(owner: str, arrays: list) -> Any:
     """Array module shared by ``arrays``; ``TypeError`` naming ``owner`` if mixed."""
     arrays = [a for a in arrays if a is not None and hasattr(a, "shape")]
-    kinds = {is_cupy_array(a) for a in arrays}
-    if len(kinds) > 1:
-        raise TypeError(
-            f"{owner}: blocks live on different backends (NumPy and CuPy); "
-            "move them to one backend first (blockops.backend.as_backend)"
-        )
+    check_mixed_backends(owner, len({is_cupy_array(a) for a in arrays}) > 1)
     return get_array_module(*arrays)
 
 
@@ -182,11 +184,8 @@ class BlockOperator(LinearOperator):
     def _check_input(self, x, n: int, what: str):
         if not hasattr(x, "shape"):
             raise TypeError(f"{self.name}: {what} must be an array, got {type(x).__name__}")
-        if self.xp is not None and is_cupy_array(x) != (self.xp is not np):
-            raise TypeError(
-                f"{self.name}: {what} is a {type(x).__module__.split('.')[0]} array but the "
-                f"operator holds {self.xp.__name__} arrays; move it to one backend first"
-            )
+        if self.xp is not None:
+            check_on_backend(self.name, what, x, self.xp)
         if x.ndim not in (1, 2) or x.shape[0] != n:
             raise ValueError(
                 f"{self.name}: {what} has shape {tuple(x.shape)}; expected ({n},) or ({n}, k) "
@@ -267,7 +266,7 @@ def dense_inverse_of_sum(terms: list, owner: str, what: str, xp: Any = None) -> 
     complement ``A22 - A21 A11^-1 A12`` that cancels to rounding noise is
     reported singular.
     """
-    backend = "numpy" if xp is None or xp is np else "cupy"
+    backend = "numpy" if xp is None else backend_name(xp)
     dense = [t.todense(backend=backend) if isinstance(t, LinearOperator) else t for t in terms]
     for t in dense:
         if t.ndim != 2 or t.shape[0] != t.shape[1]:
@@ -310,9 +309,5 @@ def as_operator(owner: str, name: str, A, shape: tuple | None = None) -> tuple[L
 def common_backend(owner: str, xps: list) -> Any:
     """The one backend among ``xps`` (``None`` entries ignored); ``TypeError`` if mixed."""
     known = {id(x): x for x in xps if x is not None}
-    if len(known) > 1:
-        raise TypeError(
-            f"{owner}: blocks live on different backends (NumPy and CuPy); "
-            "move them to one backend first (blockops.backend.as_backend)"
-        )
+    check_mixed_backends(owner, len(known) > 1)
     return next(iter(known.values()), None)

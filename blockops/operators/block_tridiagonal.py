@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._checks import check_dtype, check_finite, result_dtype
+from ..backend import factor_banded
 from ._common import BlockOperator, apply_runs, backend_of, make_runs
-from .block_tridiagonal_factor import BandedLU, BlockQR
 
 __all__ = ["BlockTridiagonal", "BlockTridiagonalInverse"]
 
@@ -41,7 +41,7 @@ class BlockTridiagonal(BlockOperator):
 
     and the adjoint :math:`(A^T y)_k = U_{k-1}^T y_{k-1} + D_k^T y_k +
     L_k^T y_{k+1}`. This is the layer-by-layer form of the KKT system of the
-    exact inverse route (``DESIGN.md``; eqs. 24-26 with the constraint of eq. 14).
+    exact inverse route (docs: architecture; eqs. 24-26 with the constraint of eq. 14).
 
     Parameters
     ----------
@@ -170,10 +170,7 @@ class BlockTridiagonal(BlockOperator):
             return self._factor
         for k, (_, _, b) in enumerate(self.iter_blocks()):
             check_finite(self.name, f"block {k} (shape {tuple(b.shape)})", b)
-        use = method if method != "auto" else ("banded" if self.xp is np else "block")
-        if use == "banded" and self.xp is not np:
-            raise ValueError(f"{self.name}: method 'banded' needs NumPy arrays; use 'block'")
-        fac = BandedLU(self) if use == "banded" else BlockQR(self)
+        fac = factor_banded(self, method)
         if method == "auto":
             self._factor = fac
         return fac

@@ -1,8 +1,8 @@
 r"""Per-layer blocks of the paper's inverse route (eqs. 25-43), scalar view, with checks.
 
 This module computes, from a :class:`~blockops.network.Point`, the small dense
-blocks out of which :mod:`blockops.hessian.woodbury` builds its operators, and
-checks the route's validity conditions block by block (``DESIGN.md``, "The
+blocks out of which :mod:`blockops.woodbury` builds its operators, and
+checks the route's validity conditions block by block (docs: derivation, "The
 mathematics", items 1-4).
 
 The scalar view
@@ -202,14 +202,28 @@ def route_blocks(view: ScalarView, damping: float = 0.0, cond_max: float | None 
     layer when a ``∇_x f_l`` is not square or not invertible, or ``Q22`` or
     ``S_q`` has a singular block.
     """
-    xp, names, L = view.xp, view.names, view.n_layers
-    dt = view.dtype
     if cond_max is None:
-        cond_max = 0.1 / np.finfo(dt).eps
-    Jz, Jx, Kzz, Kxz, Kxx = view.Jz, view.Jx, view.Kzz, view.Kxz, view.Kxx
-    conds = {"Jx": [], "Q22": [], "S_q": []}
-    Jx_inv = []
-    for k, J in enumerate(Jx):
+        cond_max = 0.1 / np.finfo(view.dtype).eps
+    Jx_inv, c_jx = _invert_jx(view, cond_max)
+    Q22, Q22_inv = _q22(view, damping, cond_max)
+    Q11, S_q, S_q_inv = _s_q(view, Q22_inv, cond_max)
+    SH = _s_h(view, Jx_inv, Q22_inv, S_q_inv)
+    xp = view.xp
+    cond = {
+        "Jx": c_jx,
+        "Q22": _blockdiag_cond(xp, Q22, Q22_inv),
+        "S_q": _blockdiag_cond(xp, S_q, S_q_inv),
+    }
+    return RouteBlocks(
+        view, float(damping), Jx_inv, Q11, Q22, Q22_inv, S_q, S_q_inv, *SH, cond
+    )  # fmt: skip
+
+
+def _invert_jx(view, cond_max):
+    """``∇_x f_l⁻¹`` for every layer (square and invertible, or a named error)."""
+    xp, names, L = view.xp, view.names, view.n_layers
+    Jx_inv, conds = [], []
+    for k, J in enumerate(view.Jx):
         if J.shape[0] != J.shape[1]:
             hint = (
                 " (the loss layer needs exactly one parameter: wrap it in "
@@ -226,18 +240,28 @@ def route_blocks(view: ScalarView, damping: float = 0.0, cond_max: float | None 
             )
         Ji, c = _inv_checked(xp, J, "∇_x f (a block of Dx)", k, names[k], cond_max)
         Jx_inv.append(Ji)
-        conds["Jx"].append(c)
+        conds.append(c)
+    return Jx_inv, max(conds)
+
+
+def _q22(view, damping, cond_max):
+    """``Q22 = DD Dxx + λI`` per layer (eq. 33) and its inverse."""
+    xp, dt = view.xp, view.dtype
     Q22, Q22_inv = [], []
-    for k, K in enumerate(Kxx):
+    for k, K in enumerate(view.Kxx):
         Qk = K + damping * xp.eye(K.shape[0], dtype=dt) if damping else K
-        Qi, c = _inv_checked(xp, Qk, "Q22 = DD Dxx + λI (eq. 33)", k, names[k], cond_max)
+        Qi, _ = _inv_checked(xp, Qk, "Q22 = DD Dxx + λI (eq. 33)", k, view.names[k], cond_max)
         Q22.append(Qk)
         Q22_inv.append(Qi)
-        conds["Q22"].append(c)
+    return Q22, Q22_inv
+
+
+def _s_q(view, Q22_inv, cond_max):
+    """``Q11`` and ``S_q`` (eq. 34) per ``z_k`` and the inverse of ``S_q``."""
+    xp, dt, L, Kzz, Kxz = view.xp, view.dtype, view.n_layers, view.Kzz, view.Kxz
     Q11, S_q, S_q_inv = [], [], []
     for k in range(L):
-        n = Jx[k].shape[0]
-        eye = xp.eye(n, dtype=dt)
+        eye = xp.eye(view.Jx[k].shape[0], dtype=dt)
         if k < L - 1:
             q11 = Kzz[k + 1] - eye
             sq = q11 - Kxz[k + 1].T @ (Q22_inv[k + 1] @ Kxz[k + 1])
@@ -247,15 +271,19 @@ def route_blocks(view: ScalarView, damping: float = 0.0, cond_max: float | None 
         what = "S_q (eq. 34)"
         if k == L - 2:
             what += " (the loss Hessian ∇²ℓ/B must not have the eigenvalue 1; MSELoss needs B ≥ 2)"
-        Si, c = _inv_checked(xp, sq, what, k, _where_z(k, names), cond_max)
+        Si, _ = _inv_checked(xp, sq, what, k, _where_z(k, view.names), cond_max)
         Q11.append(q11)
         S_q.append(sq)
         S_q_inv.append(Si)
-        conds["S_q"].append(c)
+    return Q11, S_q, S_q_inv
+
+
+def _s_h(view, Jx_inv, Q22_inv, S_q_inv):
+    """The blocks of ``S_H`` (eqs. 35-39, sign of eq. 36 corrected)."""
+    xp, dt, L, Jz, Kxz = view.xp, view.dtype, view.n_layers, view.Jz, view.Kxz
     SH11, SH_zx, SH_zx_next, SH_xx, SH_xx_sub = [], [], [], [], [None]
     for k in range(L):
-        n = Jx[k].shape[0]
-        eye = xp.eye(n, dtype=dt)
+        eye = xp.eye(view.Jx[k].shape[0], dtype=dt)
         SH11.append(S_q_inv[k] + eye)
         SH_zx.append(Jx_inv[k].T)
         if k < L - 1:
@@ -269,15 +297,7 @@ def route_blocks(view: ScalarView, damping: float = 0.0, cond_max: float | None 
             mm = eye + Jz[k] @ Jz[k].T
             SH_xx_sub.append(-Jx_inv[k] @ Jz[k] @ Jx_inv[k - 1].T)
         SH_xx.append(q22t + Jx_inv[k] @ mm @ Jx_inv[k].T)
-    cond = {
-        "Jx": max(conds["Jx"]),
-        "Q22": _blockdiag_cond(xp, Q22, Q22_inv),
-        "S_q": _blockdiag_cond(xp, S_q, S_q_inv),
-    }
-    return RouteBlocks(
-        view, float(damping), Jx_inv, Q11, Q22, Q22_inv, S_q, S_q_inv,
-        SH11, SH_zx, SH_zx_next, SH_xx, SH_xx_sub, cond,
-    )  # fmt: skip
+    return SH11, SH_zx, SH_zx_next, SH_xx, SH_xx_sub
 
 
 def _blockdiag_cond(xp, blocks, inverses) -> float:

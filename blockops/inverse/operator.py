@@ -1,29 +1,31 @@
 r"""The exact ``(H + λI)⁻¹`` of a pipeline as a factor-once LinearOperator.
 
 ``(H + λI) dx = g`` is the stationarity condition of the lifted saddle-point
-(KKT) system of ``DESIGN.md`` ("The general exact route"), built from the
+(KKT) system (docs: derivation, "The general exact route"), built from the
 pieces of eq. 24 (``M``, ``Dx`` and the ``K`` blocks of ``Q``). Ordered
 layer by layer it is block-tridiagonal and is solved exactly by
 
 * ``method="riccati"``: the stagewise (Riccati) sweep of
-  :mod:`blockops.hessian.stagewise`, with the structured dense-layer stage of
-  :mod:`blockops.hessian.lowrank` (fast; pivots only inside a stage);
+  :mod:`blockops.inverse.stagewise`, with the structured stages layers
+  register (the dense layer's: :mod:`blockops.network.dense_stage`; fast;
+  pivots only inside a stage);
 * ``method="kkt"`` (alias ``"banded"``): pivoted banded LU of the lifted
-  system (:mod:`blockops.hessian.banded`; robust for singular stage pivots
-  and ``λ = 0``, slower, more memory);
+  system (:mod:`blockops.inverse.banded_kkt`; robust for singular stage
+  pivots and ``λ = 0``, slower, more memory);
 * ``method="auto"``: the sweep, falling back to the banded LU when a stage
-  pivot is singular or badly conditioned;
+  pivot is singular or badly conditioned (the order is data:
+  :func:`blockops.inverse.factorization.plan`);
 * ``method="woodbury"``: the paper's own route (eqs. 25-43, corrected), see
-  :mod:`blockops.hessian.woodbury`.
+  :mod:`blockops.woodbury`.
 
 Every solve ends with ``refine`` steps of iterative refinement
 ``x ← x + F⁻¹(g − (H + λI) x)`` against the fused HVP, and the relative
 residual ``‖(H + λI) x − g‖ / ‖g‖`` is the certificate.
 
-Backends: the point's array module is used throughout. On NumPy the stage
-pivots and the banded route use host LAPACK (``sytrf``, ``gesv``/``potrf``,
-``gbtrf``); on CuPy (or NumPy inside :func:`blockops.backend.generic_linalg`)
-the same factorisations run with backend-generic kernels (LU /
+Backends: the point's array module is used throughout, and the backend
+layer's kernels (:mod:`blockops.backend`) choose host LAPACK (``sytrf``,
+``potrf``/``gesv``, ``gbtrf``) on NumPy and generic array code on CuPy (or on
+NumPy inside :func:`blockops.backend.generic_linalg`: LU /
 ``xp.linalg.solve``, ``xp.linalg.eigvalsh`` for inertia and ``log|det|``, block
 QR for the lifted KKT system). A factorisation moves a few scalars to the host
 (pivot checks); a solve with ``check=False`` moves nothing, and with
@@ -35,55 +37,41 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from pylops import LinearOperator
-from threadpoolctl import threadpool_limits
 
-from .._checks import SingularBlockError, check_finite, check_vector
-from ..backend import get_array_module
-from ..network.layer import Cache
-from .banded import BandedKKT
+from .._checks import (
+    KINDS,
+    PRECISIONS,
+    check_choice,
+    check_damping,
+    check_finite,
+    check_int,
+    check_vector,
+)
+from ..backend import blas_threads, get_array_module
+from ..hessian import ggn_vp, hvp
+from ..network import Pipeline
+from ..singular import SingularBlockError
+from .factorization import FACTORIZATIONS, METHODS, available_bytes, banded_bytes, plan
 from .stagewise import StagewiseFactor, stages_from_point
 
 __all__ = ["InverseHessian", "inverse_hessian"]
 
-METHODS = ("auto", "kkt", "banded", "riccati", "woodbury")
 
+def _check_rtol(rtol, dt) -> float:
+    """``rtol`` as a float; default ``√ε`` of what the caller receives.
 
-@dataclass
-class _CastPoint:
-    """The parts of a Point the factorisations read, in another dtype."""
-
-    layers: list
-    caches: list
-    bs: list
-    batch_size: int
-    dtype: Any
-    extra: dict = field(default_factory=dict)
-
-
-def _cast(a, dt):
-    return a.astype(dt) if hasattr(a, "dtype") and a.dtype.kind == "f" else a
-
-
-def _cast_point(point, dt):
-    """``point`` with every float array cast to ``dt`` (for float32 factorisation)."""
-    if np.dtype(point.dtype) == np.dtype(dt):
-        return point
-    caches = [
-        Cache(
-            _cast(c.z_prev, dt),
-            _cast(c.x, dt),
-            _cast(c.z, dt),
-            {k: _cast(v, dt) for k, v in c.extra.items()},
-        )
-        for c in point.caches
-    ]
-    bs = [_cast(b, dt) for b in point.bs]
-    return _CastPoint(point.layers, caches, bs, point.batch_size, np.dtype(dt))
+    1.5e-8 in float64, 3.5e-4 in float32: a float32 result cannot have a
+    residual much below ``cond * 6e-8``.
+    """
+    if rtol is None:
+        return float(np.sqrt(np.finfo(dt).eps))
+    rtol = float(rtol)
+    if not np.isfinite(rtol) or rtol <= 0:
+        raise ValueError(f"inverse_hessian: rtol={rtol}; expected a finite value > 0")
+    return rtol
 
 
 class InverseHessian(LinearOperator):
@@ -93,7 +81,8 @@ class InverseHessian(LinearOperator):
     matvec``); ``matmat`` solves all columns of ``G`` (n, k) at once. Each
     solve applies ``refine`` steps of iterative refinement against the fused
     HVP (eq. 24 fused) and, with ``check=True``, warns (``RuntimeWarning``)
-    when the final relative residual exceeds ``rtol``.
+    when the final relative residual exceeds ``rtol``. Parameters as
+    :func:`inverse_hessian`.
 
     Attributes
     ----------
@@ -120,94 +109,90 @@ class InverseHessian(LinearOperator):
         threads=1,
         kind="hessian",
     ):
-        if kind not in ("hessian", "ggn"):
-            raise ValueError(f"inverse_hessian: kind {kind!r}; expected 'hessian' or 'ggn'")
-        if method not in METHODS:
-            raise ValueError(
-                f"inverse_hessian: unknown method {method!r}; expected one of {METHODS}"
-            )
-        if precision not in ("float64", "mixed", "float32"):
-            raise ValueError(
-                f"inverse_hessian: precision {precision!r}; "
-                "expected 'float64', 'mixed' or 'float32'"
-            )
-        damping = float(damping)
-        if not np.isfinite(damping) or damping < 0:
-            raise ValueError(f"inverse_hessian: damping must be finite and >= 0, got {damping}")
-        self.point, self.damping, self.kind = point, damping, kind
-        self.refine, self.check, self.threads = int(refine), check, threads
+        owner = "inverse_hessian"
+        self._args = (point, damping, method, refine, precision, check, rtol, threads, kind)
+        self.kind = check_choice(owner, "kind", kind, KINDS)
+        check_choice(owner, "method", method, tuple(m for m in METHODS if m != "woodbury"))
+        check_choice(owner, "precision", precision, PRECISIONS)
+        self.damping = check_damping(owner, damping)
+        self.refine = check_int(owner, "refine", refine, 0)
+        self.threads = check_int(owner, "threads", threads, 1)
+        self.point, self.check = point, bool(check)
         dt = np.dtype(point.dtype)
         self.work_dtype = np.dtype(np.float32) if precision in ("mixed", "float32") else dt
-        if precision == "float32":
-            dt = np.dtype(np.float32)
-        self.out_dtype = dt
-        # sqrt(eps) of what the caller receives: 1.5e-8 in float64, 3.5e-4 in float32
-        # (a float32 result cannot have a residual much below cond * 6e-8).
-        self.rtol = float(np.sqrt(np.finfo(dt).eps)) if rtol is None else float(rtol)
-        n = int(point.pipeline.n_params) if hasattr(point, "pipeline") else len(point.gradient)
-        super().__init__(dtype=dt, shape=(n, n), name="Hinv")
-        self.info = {"precision": precision, "damping": damping}
+        self.out_dtype = np.dtype(np.float32) if precision == "float32" else dt
+        self.rtol = _check_rtol(rtol, self.out_dtype)
+        n = point.n_params
+        super().__init__(dtype=self.out_dtype, shape=(n, n), name="Hinv")
+        self.info = {"precision": precision, "damping": self.damping}
         t0 = time.perf_counter()
-        with threadpool_limits(threads):
-            fpoint = self._working_point(self.work_dtype)
-            if method in ("auto", "riccati"):
-                try:
-                    self._factor = StagewiseFactor(stages_from_point(fpoint, damping))
-                    self.method = "riccati"
-                except SingularBlockError as err:
-                    if method == "riccati" and self.work_dtype == np.dtype(point.dtype):
-                        raise
-                    self.info["fallback"] = str(err)
-                    if self.work_dtype != np.dtype(point.dtype):
-                        # float32 pivots too ill-conditioned: redo the sweep in full precision
-                        self.work_dtype = np.dtype(point.dtype)
-                        fpoint = self._working_point(self.work_dtype)
-                        try:
-                            self._factor = StagewiseFactor(stages_from_point(fpoint, damping))
-                            self.method = "riccati"
-                        except SingularBlockError as err2:
-                            if method == "riccati":
-                                raise
-                            self.info["fallback"] = str(err2)
-                            method = "kkt"
-                    else:
-                        method = "kkt"
-            if method in ("kkt", "banded"):
-                self._factor = BandedKKT(fpoint, damping)
-                self.method = "kkt"
-            self._fpoint = fpoint
+        with blas_threads(self.threads):
+            self._factorize(plan(method, self.work_dtype, dt))
         self.info["factor_time"] = time.perf_counter() - t0
         self._inertia = None
 
+    def __reduce__(self):
+        """Pickle as the arguments: the factorisation is redone where it is unpickled."""
+        return type(self), self._args
+
+    def _factorize(self, steps):
+        """Try the plan's ``(factorisation, dtype)`` steps in order; keep the first error."""
+        first = None
+        for name, dt in steps:
+            if name == "kkt" and first is not None:
+                self._check_banded_memory(first, dt)
+            fpoint = self._working_point(dt)
+            try:
+                self._factor = FACTORIZATIONS[name](fpoint, self.damping)
+            except SingularBlockError as err:
+                first = first or err
+                self.info["fallback"] = str(err)
+                continue
+            self.method, self.work_dtype, self._fpoint = name, dt, fpoint
+            if dt != steps[0][1]:
+                self.info["fallback_dtype"] = str(dt)
+            return
+        raise first
+
+    def _check_banded_memory(self, err, dt):
+        """Refuse a banded fallback that cannot fit, keeping the sweep's clear error."""
+        need, have = banded_bytes(self.point, dt), available_bytes()
+        if have is not None and need > have // 2:
+            raise SingularBlockError(
+                f"{err} (The banded KKT fallback would need about {need / 2**30:.1f} GiB of "
+                f"the {have / 2**30:.1f} GiB of this machine, so it was not tried.)",
+                layer=err.layer,
+            ) from err
+
     def _working_point(self, dt):
         """The point in the factorisation dtype (GGN: zero hidden weightings)."""
-        fpoint = _cast_point(self.point, dt)
-        if self.kind == "ggn":
-            # The GGN keeps only the loss layer's curvature: K_l is linear in b_l, so
-            # zero weightings on the hidden layers give exactly the GGN's stages.
-            zero = [b * 0 for b in fpoint.bs[:-1]] + [fpoint.bs[-1]]
-            fpoint = _CastPoint(fpoint.layers, fpoint.caches, zero, fpoint.batch_size, np.dtype(dt))
-        return fpoint
+        fpoint = self.point.astype(dt)
+        return fpoint.gauss_newton() if self.kind == "ggn" else fpoint
 
     # -- certificates ----------------------------------------------------------
     def _apply_H(self, X):
-        from .hessian import ggn_vp, hvp
-
         prod = ggn_vp if self.kind == "ggn" else hvp
         return prod(self.point, X) + self.damping * X
 
     def residual(self, g, x=None):
         """Relative residual ``‖(H + λI) x − g‖ / ‖g‖`` (one fused HVP).
 
-        ``x`` defaults to ``self @ g``. Per column for a matrix ``g``.
+        ``x`` defaults to ``self @ g`` and must have ``g``'s shape. Per column
+        for a matrix ``g``; a float for a vector.
         """
         g = self._check_rhs(g)
         if x is None:
             x = self.matmat(g) if g.ndim == 2 else self.matvec(g)
-        return self._residual(g, x)
+        elif tuple(getattr(x, "shape", ())) != tuple(g.shape):
+            raise ValueError(
+                f"InverseHessian.residual: x has shape {tuple(getattr(x, 'shape', ()))}; "
+                f"expected {tuple(g.shape)} (the shape of g)"
+            )
+        r = self._residual(g if g.ndim == 2 else g[:, None], x if x.ndim == 2 else x[:, None])
+        return r if g.ndim == 2 else float(r[0])
 
     def _residual(self, g, x):
-        """:meth:`residual` of a checked ``g``."""
+        """Per-column relative residuals of checked ``(n, k)`` arrays."""
         xp = get_array_module(g)
         r = self._apply_H(x.astype(self.point.dtype)) - g
         nr, ng = xp.linalg.norm(r, axis=0), xp.linalg.norm(g, axis=0)
@@ -227,9 +212,9 @@ class InverseHessian(LinearOperator):
         return self._inertia
 
     def _inertia_fallback(self):
-        """Inertia when the banded LU factored: a sweep with generic (pivoted) stages."""
+        """Inertia when the banded LU factored: a sweep with explicit (pivoted) stages."""
         try:
-            with threadpool_limits(self.threads):
+            with blas_threads(self.threads):
                 return StagewiseFactor(stages_from_point(self._fpoint, self.damping, False)).inertia
         except SingularBlockError:
             pass
@@ -239,7 +224,7 @@ class InverseHessian(LinearOperator):
                 "InverseHessian.inertia: the stage pivots are singular (the banded LU gives no "
                 "inertia) and n > 4000 is too large for a dense eigenvalue count; add damping."
             )
-        xp = getattr(self.point, "xp", np)
+        xp = self.point.xp
         Hd = self._apply_H(xp.eye(n, dtype=self.point.dtype))
         w = xp.linalg.eigvalsh(0.5 * (Hd + Hd.T))
         tol = n * np.finfo(w.dtype).eps * float(xp.abs(w).max())
@@ -247,7 +232,14 @@ class InverseHessian(LinearOperator):
 
     # -- solves ------------------------------------------------------------------
     def _check_rhs(self, g):
-        xp = getattr(self.point, "xp", np)
+        xp = self.point.xp
+        if not hasattr(g, "shape"):
+            g = xp.asarray(g)
+        if getattr(g, "dtype", np.dtype(float)).kind == "c":
+            raise TypeError(
+                "InverseHessian: g is complex; H is real, so solve the real and imaginary "
+                "parts separately (Hinv @ g.real + 1j * (Hinv @ g.imag))"
+            )
         g = xp.asarray(g)
         check_vector("InverseHessian", g, self.shape[0], name="g")
         if self.check:  # a device-to-host scalar: skipped with check=False
@@ -259,10 +251,9 @@ class InverseHessian(LinearOperator):
         G = self._check_rhs(G)
         vec = G.ndim == 1
         G2 = G[:, None] if vec else G
-        wt = self.work_dtype
-        hd = np.dtype(self.point.dtype)
+        wt, hd = self.work_dtype, np.dtype(self.point.dtype)
         t0 = time.perf_counter()
-        with threadpool_limits(self.threads):
+        with blas_threads(self.threads):
             X = self._factor.solve(G2.astype(wt)).astype(hd)
             Gh = G2.astype(hd)
             res = None
@@ -274,17 +265,20 @@ class InverseHessian(LinearOperator):
                 res = self._residual(Gh, X)  # G was checked on entry
         self.info["solve_time"] = time.perf_counter() - t0
         if res is not None:
-            self.info["residual"] = res
             worst = float(res.max()) if res.size else 0.0  # the one scalar sync of a check
-            if worst > self.rtol:
-                warnings.warn(
-                    f"InverseHessian ({self.method}): relative residual {worst:.2e} exceeds "
-                    f"rtol={self.rtol:.0e}; H + damping*I may be ill-conditioned. Increase "
-                    "refine, add damping or use method='kkt'.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            self.info["residual"] = worst if vec else res
+            self._warn_residual(worst)
         return X[:, 0] if vec else X
+
+    def _warn_residual(self, worst):
+        if worst > self.rtol:
+            warnings.warn(
+                f"InverseHessian ({self.method}): relative residual {worst:.2e} exceeds "
+                f"rtol={self.rtol:.0e}; H + damping*I may be ill-conditioned. Increase "
+                "refine, add damping or use method='kkt'.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _matvec(self, x):
         return self.solve(x)
@@ -324,7 +318,7 @@ def inverse_hessian(
         See the module docstring. ``"auto"`` runs the stagewise sweep and
         falls back to the pivoted banded LU on a singular stage pivot.
     refine : int
-        Iterative-refinement steps per solve (one fused HVP each).
+        Iterative-refinement steps per solve (one fused HVP each), ``>= 0``.
     precision : {"float64", "mixed", "float32"}
         ``"mixed"`` factors in float32 and refines in the point's precision.
     check : bool
@@ -335,8 +329,8 @@ def inverse_hessian(
         Residual above which a solve warns; default ``√ε`` of the output dtype
         (1.5e-8 for float64, 3.5e-4 for float32).
     threads : int
-        BLAS threads inside factor and solve (one is fastest for the small
-        per-layer products; try 2 for batch 32 and up).
+        BLAS threads inside factor and solve, ``>= 1`` (one is fastest for the
+        small per-layer products; try 2 for batch 32 and up).
     kind : {"hessian", "ggn"}
         Invert the Hessian or the generalized Gauss-Newton matrix (eq. 24 with
         only the loss layer's curvature; positive semi-definite for a convex
@@ -345,12 +339,12 @@ def inverse_hessian(
     Notes
     -----
     ``method="woodbury"`` is the paper's route
-    (:func:`~blockops.hessian.woodbury.woodbury_inverse`): Hessian only,
-    float64, no refinement; ``rtol`` bounds its predicted error (a condition
-    estimate) instead of a residual. ``kind``, ``refine`` and ``precision``
-    must keep their defaults with it.
+    (:func:`~blockops.woodbury.woodbury_inverse`): Hessian only, float64, no
+    refinement; ``rtol`` bounds its predicted error (a condition estimate)
+    instead of a residual. ``kind``, ``refine`` and ``precision`` must keep
+    their defaults with it.
     """
-    if hasattr(point, "linearize"):
+    if isinstance(point, Pipeline):
         if len(args) != 2:
             raise TypeError(
                 "inverse_hessian(pipeline, params, (X, y), ...): expected params and (X, y)"
@@ -360,18 +354,19 @@ def inverse_hessian(
     elif args:
         raise TypeError("inverse_hessian(point, ...): extra positional arguments after a Point")
     if method == "woodbury":
-        from .woodbury import woodbury_inverse  # written separately (issue 7)
-
-        unsupported = {
-            "kind": (kind, "hessian"),
-            "refine": (refine, 1),
-            "precision": (precision, "float64"),
-        }
-        bad = [k for k, (v, default) in unsupported.items() if v != default]
-        if bad:
-            raise ValueError(
-                f"inverse_hessian(method='woodbury'): {', '.join(bad)} not supported by the "
-                "paper's route; use method='auto' (stagewise) for these options."
-            )
-        return woodbury_inverse(point, damping, rtol=rtol)  # there: predicted-error bound
+        return _woodbury(point, damping, rtol, kind=kind, refine=refine, precision=precision)
     return InverseHessian(point, damping, method, refine, precision, check, rtol, threads, kind)
+
+
+def _woodbury(point, damping, rtol, **options):
+    """The paper's route, refusing the options it cannot honour."""
+    from ..woodbury import woodbury_inverse
+
+    defaults = {"kind": "hessian", "refine": 1, "precision": "float64"}
+    bad = [k for k, v in options.items() if v != defaults[k]]
+    if bad:
+        raise ValueError(
+            f"inverse_hessian(method='woodbury'): {', '.join(bad)} not supported by the "
+            "paper's route; use method='auto' (stagewise) for these options."
+        )
+    return woodbury_inverse(point, damping, rtol=rtol)  # there: predicted-error bound

@@ -1,4 +1,4 @@
-"""The array-module facade: the one place that knows NumPy from CuPy.
+"""The array-module facade: which array module, linear algebra and kernels apply.
 
 Every other module asks this one for the array module of its data
 (``xp = get_array_module(x)``) and for the matching dense and sparse linear
@@ -21,6 +21,7 @@ __all__ = [
     "array_namespace",
     "as_backend",
     "available_backends",
+    "backend_name",
     "cupy_available",
     "generic_linalg",
     "get_array_module",
@@ -84,6 +85,11 @@ def get_array_module(*arrays: Any) -> ModuleType:
 
 
 array_namespace = get_array_module
+
+
+def backend_name(xp: ModuleType) -> str:
+    """``'numpy'`` or ``'cupy'`` for an array module (the inverse of :func:`xp_for`)."""
+    return "numpy" if xp is np else "cupy"
 
 
 def xp_for(backend: str) -> ModuleType:

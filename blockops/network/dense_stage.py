@@ -1,6 +1,6 @@
 r"""The structured stage of dense layers for the stagewise sweep.
 
-For a dense layer (``DESIGN.md``, "Where the speed comes from") with ``B``
+For a dense layer (docs: numerics, "Where the speed comes from") with ``B``
 samples, ``a_in`` inputs, ``a`` outputs, ``r = a_in + 1`` and
 ``p = a r`` parameters, write the parameters as the matrix
 ``X̃ = [W, c]`` (``a × r``) and ``z̃_s = [z_s; 1]``. Then, with
@@ -47,10 +47,15 @@ the device.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.lapack import get_lapack_funcs
 
-from .._checks import SingularBlockError
-from ..backend import get_array_module, host_lapack
+from ..backend import (
+    count_negative,
+    get_array_module,
+    pivot_factorizer,
+    pivot_magnitudes,
+    pivot_solver,
+)
+from ..singular import SingularBlockError, singular_pivots
 
 __all__ = ["DenseSegment", "dense_segments"]
 
@@ -93,8 +98,8 @@ class DenseSegment:
         self.damping = lam = float(damping)
         ex = [c.extra for c in caches]
         self.xp = xp = get_array_module(ex[0]["W"], caches[0].z_prev)
-        self.lapack = host_lapack(xp)
         self._eigT = None  # eigenvalues of the T stack (generic path)
+        self._Ts_lu = []  # pivots factored by LU (all of them on the generic path)
         W = xp.stack([e["W"] for e in ex])  # (L, a, a_in)
         z = xp.stack([c.z_prev for c in caches])  # (L, B, a_in)
         d1 = xp.stack([e["d1"] for e in ex])  # (L, B, a)
@@ -187,12 +192,11 @@ class DenseSegment:
         """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``)."""
         xp, L, ns, k, a, B, m = self.xp, self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
         dt = self.W.dtype
-        if self.lapack:
-            gesv, potrf, trtrs = get_lapack_funcs(("gesv", "potrf", "trtrs"), (self.W,))
-        # Per layer: ("c", L, L^-1 R) when T is positive definite (Cholesky: half the
-        # flops of LU + GEMM), else ("l", T, T^-1 R); the generic path always "l".
+        # Per layer (factor of T, half gain Y = L_f^-1 R): Cholesky when T is positive
+        # definite (half the flops of LU + GEMM), else LU (backend kernels).
+        factor_T = pivot_factorizer(xp, dt)
         self.fac = [None] * L
-        LUd = xp.empty((L, k), dt)
+        pivots = [None] * L
         lamI = self.damping * xp.eye(k, dtype=dt)
         diag = xp.arange(m)
         # Work in preallocated buffers: a fresh (m x m) array of 2 MB costs about 1.5 ms
@@ -216,73 +220,41 @@ class DenseSegment:
             T = (YT @ GC.T.reshape(B, a * k)).reshape(k, k) + lamI  # lam I + G C G^T
             xp.matmul(YT, CW.reshape(B, a * ns), out=R.reshape(self.rho, a * ns))
             R += self._Sq(slice(j, j + 1), out=Sq)[0]
-            if not self.lapack:
-                TR = self._solve(T, R, j)
-                self.fac[j] = ("l", T, TR)
-                xp.matmul(R.T, TR, out=S)
-            else:
-                Lc, info = potrf(T, lower=1, clean=1)
-                if info == 0:
-                    Yc, _ = trtrs(Lc, R, lower=1)
-                    self.fac[j] = ("c", Lc, Yc)
-                    LUd[j] = Lc.diagonal() ** 2
-                    xp.matmul(Yc.T, Yc, out=S)
-                else:
-                    lu, _, TR, info = gesv(T, R)
-                    if info > 0:
-                        raise self._singular(j, "exactly singular")
-                    self.fac[j] = ("l", T, TR)
-                    LUd[j] = lu.diagonal()
-                    xp.matmul(R.T, TR, out=S)
+            fac = factor_T(T)
+            if fac is None:
+                raise self._singular(j, "exactly singular")
+            if not fac.definite:
+                self._Ts_lu.append(T)
+            Y, _ = fac.half_gain(R, out=S)
+            self.fac[j] = (fac, Y)
+            pivots[j] = fac.pivots()
             Qss -= S
             if not self.full:
                 Qss -= self._E(slice(j, j + 1))[0]
             V2 = V2buf
-            xp.add(Qss, Qss.T, out=V2)  # symmetrised 2V (DESIGN.md, "Numerics that matter")
-        if not self.lapack:
-            LUd = self._pivot_eigs(xp.stack([f[1] for f in self.fac]))
+            xp.add(Qss, Qss.T, out=V2)  # symmetrised 2V (docs: numerics)
+        LUd, self._eigT = pivot_magnitudes(xp, self._Ts_lu[::-1], pivots)
         return V2, LUd
-
-    def _solve(self, T, R, j):
-        """``T⁻¹ R`` by LU (``xp.linalg.solve``); an exact zero pivot names layer ``j``."""
-        try:
-            return self.xp.linalg.solve(T, R)
-        except np.linalg.LinAlgError:  # NumPy raises; CuPy returns inf/NaN, caught by the check
-            raise self._singular(j, "exactly singular") from None
-
-    def _pivot_eigs(self, Ts):
-        """Eigenvalues of the symmetric pivots ``T`` (generic path): kept for the inertia."""
-        self._eigT = self.xp.linalg.eigvalsh(Ts)
-        return self._eigT
 
     def _TR(self, j, s):
         """``T_j⁻¹ R_j s``."""
-        kind, F, Y = self.fac[j]
-        if kind == "l":
-            return Y @ s
-        return get_lapack_funcs("trtrs", (F,))(F, Y @ s, lower=1, trans=1)[0]
+        fac, Y = self.fac[j]
+        return fac.right(Y @ s)
 
     def _TRt(self, j, x):
         """``(T_j⁻¹ R_j)ᵀ x``."""
-        kind, F, Y = self.fac[j]
-        if kind == "l":
-            return Y.T @ x
-        return Y.T @ get_lapack_funcs("trtrs", (F,))(F, x, lower=1)[0]
+        fac, Y = self.fac[j]
+        return Y.T @ fac.right_T(x)
 
     def _Tinv(self, j, x):
-        kind, F, _ = self.fac[j]
-        if kind == "l":
-            return self.xp.linalg.solve(F, x)
-        return get_lapack_funcs("potrs", (F,))(F, x, lower=1)[0]
+        return self.fac[j][0].solve(x)
 
     def _factor_small(self, V2):
         xp, L, ns = self.xp, self.nlayers, self.n_in
         N, K0 = self.Nh, self.K0
-        if self.lapack:
-            gesv, posv = get_lapack_funcs(("gesv", "posv"), (K0,))
+        solve_T = pivot_solver(xp, K0.dtype)
         Zs = xp.empty_like(K0)
-        TinvR = [None] * L
-        LUd = xp.empty((L, self.k), K0.dtype)
+        TinvR, pivots = [None] * L, [None] * L
         # V2 = V + V^T = 2V (symmetrised); Nh = N / sqrt(2) absorbs the factor 1/2.
         for j in range(L - 1, -1, -1):
             Z = Zs[j]
@@ -293,25 +265,15 @@ class DenseSegment:
                 xp.matmul(Nj.T, V2 @ Nj, out=Z)
                 Z += K0[j]
             R = Z[ns:, :ns]
-            if self.lapack:
-                # Cholesky first (3.9 vs 8.5 us at k = 16); LU when T is not definite
-                c, TR, info = posv(Z[ns:, ns:], R, lower=1)
-                if info == 0:
-                    LUd[j] = c.diagonal() ** 2
-                else:
-                    lu, _, TR, info = gesv(Z[ns:, ns:], R)
-                    if info > 0:
-                        raise self._singular(j, "exactly singular")
-                    LUd[j] = lu.diagonal()
-            else:
-                TR = self._solve(Z[ns:, ns:], R, j)
+            TR, pivots[j] = solve_T(Z[ns:, ns:], R)
+            if TR is None:
+                raise self._singular(j, "exactly singular")
             TinvR[j] = TR
             V2 = Z[:ns, :ns] - R.T @ TR
-            V2 += V2.T  # symmetrise (DESIGN.md, "Numerics that matter")
+            V2 += V2.T  # symmetrise (docs: numerics, "Numerics that matter")
         self.T = Zs[:, ns:, ns:]
         self.TinvR = xp.stack(TinvR)
-        if not self.lapack:
-            LUd = self._pivot_eigs(self.T)
+        LUd, self._eigT = pivot_magnitudes(xp, self.T, pivots)
         return V2, LUd
 
     def _singular(self, j, detail):
@@ -333,8 +295,7 @@ class DenseSegment:
         big, small = ud.max(axis=1), ud.min(axis=1)
         if extra:
             big, small = xp.maximum(big, lam), xp.minimum(small, lam)
-        eps = np.finfo(ud.dtype).eps
-        bad = ~(small > 10 * eps * big)  # refinement still contracts above this; NaN is bad
+        bad = singular_pivots(small, big, ud.dtype)  # the one criterion (blockops.singular)
         if bool(bad.any()):  # one scalar to the host per segment
             j = int(xp.flatnonzero(bad)[-1])  # the sweep runs backward: report where it broke
             lo, hi = float(small[j]), float(big[j])
@@ -346,13 +307,10 @@ class DenseSegment:
     @property
     def inertia(self):
         """Inertia of the stage pivots (batched eigenvalues of the ``T`` stack, on request)."""
-        xp, w = self.xp, self._eigT  # generic path: eigenvalues computed with the factor
-        if w is None and self.small:
-            w = xp.linalg.eigvalsh(self.T)
-        elif w is None:  # Cholesky-factored pivots are positive definite: only LU ones count
-            Ts = [f[1] for f in self.fac if f[0] == "l"]
-            w = xp.linalg.eigvalsh(xp.stack(Ts)) if Ts else xp.zeros(0)
-        neg = int(xp.count_nonzero(w < 0))
+        # generic path: eigenvalues computed with the factor; large stages on the host:
+        # Cholesky-factored pivots are positive definite, so only the LU ones count
+        Ts = self.T if self.small else self._Ts_lu
+        neg = count_negative(self.xp, Ts, self._eigT)
         return (neg, 0, self.pl * self.nlayers - neg)
 
     # -- solves --------------------------------------------------------------

@@ -1,6 +1,6 @@
 r"""Stagewise (Riccati) factorisation of ``H + λI`` for a layered pipeline.
 
-The lifted system of ``DESIGN.md`` ("The general exact route") is the
+The lifted system (docs: derivation, "The general exact route") is the
 stationarity condition of a linear-quadratic control problem: layer ``l``
 has state ``s = dz_{l-1}`` (``B n_{l-1}`` entries, ``dz_0 = 0``), control
 ``u = dx_l`` (``p_l`` entries) and dynamics
@@ -29,32 +29,30 @@ solved by one backward sweep for the linear terms
 The sweep pivots only inside a stage, so a singular ``Q_uu`` (e.g. an
 undamped dense layer with fewer samples than inputs) stops it with
 :class:`~blockops.SingularBlockError`; the pivoted banded route of
-:mod:`blockops.hessian.banded` handles those cases.
+:mod:`blockops.inverse.banded_kkt` handles those cases.
 
 This module holds the driver (:class:`StagewiseFactor`) and the generic
-dense stage (:class:`DenseStage`, explicit blocks, any layer type);
-:mod:`blockops.hessian.lowrank` holds the structured stage of dense layers.
+stage (:class:`ExplicitStage`, explicit blocks, any layer type). Layers
+register structured stages beside themselves (``Layer.stage_key`` /
+``Layer.structured_stages``; the dense layer's is
+:mod:`blockops.network.dense_stage`).
 
-Backends: on NumPy a stage pivot is factored by LAPACK Bunch-Kaufman
-(``sytrf``/``sycon``). Elsewhere (CuPy; or NumPy inside
-:func:`blockops.backend.generic_linalg`) it is factored by LU with partial
-pivoting (``get_linalg(xp).lu_factor``) and its inertia, ``log|det|`` and
-conditioning come from ``xp.linalg.eigvalsh`` of the (symmetric) pivot; the
-singularity test is then ``min|w| / max|w| < 10 eps`` (the 2-norm reciprocal
-condition, where ``sycon`` estimates the 1-norm one). That test is one
-device-to-host scalar per stage during the factorisation; solves never leave
-the device.
+Backends: a stage pivot is factored by the backend's symmetric-indefinite
+kernel (:func:`blockops.backend.factor_symmetric`: LAPACK Bunch-Kaufman on
+the host, LU plus ``eigvalsh`` elsewhere) and judged singular by the one
+criterion of :mod:`blockops.singular` on its reciprocal condition number.
+That test is one device-to-host scalar per stage during the factorisation;
+solves never leave the device.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg.lapack as lapack
 
-from .._checks import SingularBlockError
-from ..backend import get_array_module, get_linalg, host_lapack
+from ..backend import factor_symmetric, get_array_module
+from ..singular import SingularBlockError, singular_pivots
 
-__all__ = ["DenseStage", "StagewiseFactor", "sym_indefinite_factor", "sym_lu_factor"]
+__all__ = ["ExplicitStage", "StagewiseFactor", "factor_stage_pivot", "stages_from_point"]
 
 
 def _singular(name: str, index: int, detail: str) -> SingularBlockError:
@@ -66,83 +64,15 @@ def _singular(name: str, index: int, detail: str) -> SingularBlockError:
     )
 
 
-def sym_indefinite_factor(Q, name: str, index: int):
-    """Bunch-Kaufman ``Q = L D Lᵀ`` of a symmetric stage pivot (LAPACK ``sytrf``).
-
-    Returns ``(ldl, ipiv, inertia, logdet)``; raises
-    :class:`~blockops.SingularBlockError` when ``Q`` is singular or its
-    reciprocal condition number (LAPACK ``sycon``) is below ``10 eps``.
-    """
-    p = Q.shape[0]
-    if p == 0:
-        return Q, np.zeros(0, np.int32), (0, 0, 0), 0.0
-    sytrf, sycon = lapack.get_lapack_funcs(("sytrf", "sycon"), (Q,))
-    anorm = float(np.abs(Q).sum(axis=0).max())
-    ldl, ipiv, info = sytrf(Q, lower=1)
-    if info > 0 or not np.isfinite(anorm):
+def factor_stage_pivot(Q, name: str, index: int):
+    """Factor a symmetric stage pivot ``Q_uu`` (backend kernel) or raise naming the layer."""
+    fac = factor_symmetric(Q)
+    rcond = fac.rcond
+    if rcond == 0 or not np.isfinite(rcond):
         raise _singular(name, index, "exactly singular")
-    rcond, _ = sycon(ldl, ipiv, anorm, lower=1)
-    eps = np.finfo(Q.dtype).eps
-    if rcond < 10 * eps:
+    if singular_pivots(rcond, 1.0, Q.dtype):
         raise _singular(name, index, f"numerically singular (reciprocal condition {rcond:.1e})")
-    # Inertia and log|det| from the 1x1 and 2x2 blocks of D (Sylvester's law).
-    d = np.diagonal(ldl).copy()
-    neg, pos, logdet = 0, 0, 0.0
-    k = 0
-    twos = np.flatnonzero(ipiv < 0)
-    if twos.size == 0:
-        neg = int(np.count_nonzero(d < 0))
-        pos = p - neg
-        logdet = float(np.sum(np.log(np.abs(d))))
-    else:
-        while k < p:
-            if ipiv[k] > 0:
-                neg += int(d[k] < 0)
-                pos += int(d[k] > 0)
-                logdet += float(np.log(abs(d[k])))
-                k += 1
-            else:  # 2x2 block: det < 0 means one eigenvalue of each sign
-                det = d[k] * d[k + 1] - ldl[k + 1, k] ** 2
-                logdet += float(np.log(abs(det)))
-                if det < 0:
-                    neg, pos = neg + 1, pos + 1
-                elif d[k] + d[k + 1] > 0:
-                    pos += 2
-                else:
-                    neg += 2
-                k += 2
-    return ldl, ipiv, (neg, 0, pos), logdet
-
-
-def sym_lu_factor(Q, name: str, index: int):
-    """Backend-generic factorisation of a symmetric stage pivot (any ``xp``).
-
-    LU with partial pivoting (``get_linalg(xp).lu_factor``) for the solves;
-    eigenvalues ``w`` (``xp.linalg.eigvalsh``) for inertia and ``log|det|``,
-    kept on the device until asked for. Returns ``(lu_piv, w)``; raises
-    :class:`~blockops.SingularBlockError` (same messages as
-    :func:`sym_indefinite_factor`) when ``min|w| / max|w| < 10 eps``.
-    """
-    xp = get_array_module(Q)
-    w = xp.linalg.eigvalsh(Q)
-    if Q.shape[0] == 0:
-        return None, w
-    wa = xp.abs(w)
-    lo, hi = wa.min(), wa.max()
-    eps = np.finfo(Q.dtype).eps
-    if not bool(lo > 10 * eps * hi):  # one scalar to the host per stage (NaN fails too)
-        lo, hi = float(lo), float(hi)
-        if lo == 0 or not np.isfinite(hi):
-            raise _singular(name, index, "exactly singular")
-        raise _singular(name, index, f"numerically singular (reciprocal condition {lo / hi:.1e})")
-    return get_linalg(xp).lu_factor(Q, check_finite=False), w
-
-
-def _eig_inertia(w):
-    """``(n_neg, 0, n_pos)`` and ``log|det|`` from the eigenvalues of a nonsingular pivot."""
-    xp = get_array_module(w)
-    neg = int(xp.count_nonzero(w < 0))
-    return (neg, 0, int(w.size) - neg), float(xp.sum(xp.log(xp.abs(w))))
+    return fac
 
 
 def _bd_left_T(A, X):
@@ -159,7 +89,7 @@ def _bd_right(X, A):
     return (Xt @ A).transpose(1, 0, 2).reshape(r, B * n_prev)
 
 
-class DenseStage:
+class ExplicitStage:
     """One layer of the sweep with explicit blocks (any layer type).
 
     Parameters
@@ -189,29 +119,16 @@ class DenseStage:
         self.n_in, self.n_out, self.p = B * n_prev, B * n, Bx.shape[1]
         self.nlayers = 1
         self.xp = get_array_module(A, Bx, Kzz, Kxz, Kxx)
-        self.lapack = host_lapack(self.xp)
-        self._eigs = None
 
     @property
     def inertia(self):
         """Inertia of the stage pivot ``Q_uu`` (Sylvester's law)."""
-        if self._eigs is not None:
-            self._inertia, self._logdet = _eig_inertia(self._eigs)
-            self._eigs = None
-        return self._inertia
+        return self.pivot.inertia
 
     @property
     def logdet(self):
         """``log|det Q_uu|``."""
-        self.inertia  # noqa: B018 - resolves the generic path's eigenvalues
-        return self._logdet
-
-    def _pivot_solve(self, rhs):
-        """``Q_uu^{-1} rhs`` with the stored factorisation."""
-        if self.lapack:
-            sytrs = lapack.get_lapack_funcs("sytrs", (self.ldl,))
-            return sytrs(self.ldl, self.ipiv, rhs, lower=1)[0]
-        return get_linalg(self.xp).lu_solve(self.lu, rhs, check_finite=False)
+        return self.pivot.logdet
 
     def factor(self, V):
         """One backward Riccati step: store the pivot, return ``V_{l-1}``."""
@@ -229,25 +146,20 @@ class DenseStage:
             Qus += Bx.T @ VA
             Quu += Bx.T @ (V @ Bx)
         Quu = 0.5 * (Quu + Quu.T)
-        if self.lapack:
-            self.ldl, self.ipiv, self._inertia, self._logdet = sym_indefinite_factor(
-                Quu, self.name, self.index
-            )
-        else:
-            self.lu, self._eigs = sym_lu_factor(Quu, self.name, self.index)
+        self.pivot = factor_stage_pivot(Quu, self.name, self.index)
         if self.p:
-            self.X = self._pivot_solve(Qus)  # gain Q_uu^-1 Q_us
+            self.X = self.pivot.solve(Qus)  # gain Q_uu^-1 Q_us
             Vp = Qss - Qus.T @ self.X
         else:
             self.X = xp.zeros((0, self.n_in), A.dtype)
             Vp = Qss
-        return 0.5 * (Vp + Vp.T)  # symmetrise: 40x better residual (DESIGN.md)
+        return 0.5 * (Vp + Vp.T)  # symmetrise: 40x better residual (docs: numerics)
 
     def backward(self, v, g):
         """Linear-term step: ``v_{l-1}`` and ``κ = Q_uu^{-1} q_u`` for ``g`` (p, k)."""
         qu = -g if v is None else self.Bx.T @ v - g
         if self.p:
-            kappa = self._pivot_solve(qu)
+            kappa = self.pivot.solve(qu)
         else:
             kappa = qu
         vp = -(self.X.T @ qu)
@@ -271,10 +183,10 @@ class StagewiseFactor:
     Parameters
     ----------
     stages : list
-        Stage objects in layer order (``DenseStage`` or the structured stages
-        of :mod:`blockops.hessian.lowrank`), each covering ``nlayers``
-        consecutive layers, with methods ``factor``, ``backward``,
-        ``forward`` and attributes ``p``, ``inertia``, ``logdet``.
+        Stage objects in layer order (:class:`ExplicitStage` or the
+        structured stages layers register), each covering ``nlayers``
+        consecutive layers and following
+        :class:`~blockops.network.layer.InverseStage`.
     """
 
     def __init__(self, stages):
@@ -312,36 +224,36 @@ class StagewiseFactor:
         return X
 
 
-def _is_dense(layer, cache) -> bool:
-    return type(layer).__name__ == "Dense" and all(
-        key in cache.extra for key in ("W", "pre", "d1", "d2")
-    )
-
-
-def dense_stage(layer, cache, b, damping, index):
-    """A :class:`DenseStage` from a layer's explicit blocks (eq. 24 pieces)."""
+def explicit_stage(layer, cache, b, damping, index):
+    """An :class:`ExplicitStage` from a layer's explicit blocks (eq. 24 pieces)."""
     A = layer.jacobian_z(cache)
     Bn, n_out, p = A.shape[0], A.shape[1], layer.n_params
     Bx = layer.jacobian_x(cache).reshape(Bn * n_out, p)
     Kzz, Kxz, Kxx = layer.hessian_blocks(cache, b)
     Kxz = Kxz.reshape(p, Bn * layer.n_in)
-    return DenseStage(A, Bx, Kzz, Kxz, Kxx.reshape(p, p), damping, index, layer.name)
+    return ExplicitStage(A, Bx, Kzz, Kxz, Kxx.reshape(p, p), damping, index, layer.name)
 
 
 def stages_from_point(point, damping, structured=True):
-    """Stage list for :class:`StagewiseFactor`: dense runs structured, the rest explicit."""
-    from .lowrank import dense_segments
+    """Stage list for :class:`StagewiseFactor`.
 
+    Consecutive layers with one non-``None`` ``stage_key`` get the structured
+    stages their class registers (``Layer.structured_stages``); every other
+    layer an :class:`ExplicitStage`. ``structured=False`` makes every stage
+    explicit (pivoted inside each stage: used for the inertia of hard cases).
+    """
     layers, caches, bs = point.layers, point.caches, point.bs
     stages, j, L = [], 0, len(layers)
     while j < L:
-        if structured and _is_dense(layers[j], caches[j]):
-            e = j
-            while e < L and _is_dense(layers[e], caches[e]):
-                e += 1
-            stages += dense_segments(layers[j:e], caches[j:e], bs[j:e], damping, j + 1)
-            j = e
-        else:
-            stages.append(dense_stage(layers[j], caches[j], bs[j], damping, j + 1))
+        key = layers[j].stage_key() if structured else None
+        if key is None:
+            stages.append(explicit_stage(layers[j], caches[j], bs[j], damping, j + 1))
             j += 1
+            continue
+        e = j + 1
+        while e < L and layers[e].stage_key() == key:
+            e += 1
+        build = type(layers[j]).structured_stages
+        stages += build(layers[j:e], caches[j:e], bs[j:e], damping, j + 1)
+        j = e
     return stages

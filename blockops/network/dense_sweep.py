@@ -32,30 +32,35 @@ parameter outputs are batched over the run.
 
 from __future__ import annotations
 
-from ..network.dense import Dense
+from ..backend import get_array_module
 
-__all__ = ["DenseRun", "dense_runs"]
-
-MIN_RUN = 2  # a run of one layer gains nothing over the per-layer step
+__all__ = ["DenseRun"]
 
 
 class DenseRun:
-    """Layers ``l0 .. l1-1`` of a point: plain square :class:`Dense` layers, stacked."""
+    """Consecutive plain square :class:`~blockops.network.Dense` layers, stacked.
 
-    def __init__(self, st, l0: int, l1: int):
-        xp = st.xp
-        caches = st.caches[l0:l1]
+    Parameters
+    ----------
+    caches, bs : lists
+        The layers' caches and weightings ``b_l``.
+    cols : slice
+        The run's columns in the flat parameter vector.
+    """
+
+    def __init__(self, caches, bs, cols):
+        xp = get_array_module(caches[0].z_prev)
         ex = [c.extra for c in caches]
-        self.xp, self.l0, self.l1 = xp, l0, l1
+        self.xp = xp
         self.W = xp.stack([e["W"] for e in ex])  # (R, a, a)
         self.WT = xp.ascontiguousarray(self.W.transpose(0, 2, 1))
         self.Z = xp.stack([c.z_prev for c in caches])  # (R, B, a): inputs z_{i-1}
         self.d1 = xp.stack([e["d1"] for e in ex])  # (R, B, a)
-        b = xp.stack(st.bs[l0:l1])
+        b = xp.stack(bs)
         self.bd2 = b * xp.stack([e["d2"] for e in ex])  # b ⊙ σ''
         self.G = b * self.d1  # b ⊙ σ'
         self.GT = xp.ascontiguousarray(self.G.transpose(0, 2, 1))  # (R, a, B)
-        self.cols = slice(st.x_offsets[l0], st.x_offsets[l1])
+        self.cols = cols
 
     def _params(self, V):
         """``(dW, dc)`` of the run's columns of ``V`` (k, n): (R, k, a, a) and (R, k, a)."""
@@ -120,32 +125,3 @@ class DenseRun:
         rows[..., : a * a] = hW.reshape(R, k, a * a).transpose(1, 0, 2)
         rows[..., a * a :] = Q.sum(axis=2).transpose(1, 0, 2)
         return b_in
-
-
-def dense_runs(point, st) -> dict:
-    """``{l0: DenseRun}`` for the maximal runs of square :class:`Dense` layers.
-
-    Only layers whose type is exactly ``Dense`` (a subclass may change the
-    maths) and never the loss. Cached on the point when it has a cache.
-    """
-    lazy = getattr(point, "_lazy", None)
-    if lazy is not None and "dense_runs" in lazy:
-        return lazy["dense_runs"]
-    layers = st.layers
-    runs, l = {}, 0
-    while l < len(layers) - 1:
-        shape = (layers[l].n_in, layers[l].n_out)
-        e = l
-        while (
-            e < len(layers) - 1
-            and type(layers[e]) is Dense
-            and (layers[e].n_in, layers[e].n_out) == shape
-            and shape[0] == shape[1]
-        ):
-            e += 1
-        if e - l >= MIN_RUN:
-            runs[l] = DenseRun(st, l, e)
-        l = max(e, l + 1)
-    if lazy is not None:
-        lazy["dense_runs"] = runs
-    return runs

@@ -15,7 +15,7 @@ eqs. 40-43. :class:`WoodburyRoute` builds every piece as a
 :class:`pylops.LinearOperator` that can be applied, composed and inspected
 (``.todense()`` on small sizes).
 
-What is corrected (``DESIGN.md``, "The mathematics", items 1-6)
+What is corrected (docs: derivation, "The mathematics", items 1-6)
 ------------------------------------------------------------------
 1. ``A⁻¹ = Dx⁻¹ M Mᵀ Dx⁻ᵀ`` needs every ``∇_x f_l`` square and invertible,
    the loss layer included; a loss without parameters gets the decoupled
@@ -93,22 +93,25 @@ import pylops
 from pylops import LinearOperator
 
 from .._checks import SingularBlockError, check_vector
+from ..hessian import hessian
 from ..operators import (
     BlockBidiagonal,
     BlockDiagonal,
+    BlockSparse,
     BlockTridiagonal,
     Partitioned2x2,
+    Permutation,
     Woodbury,
 )
-from .woodbury_blocks import (
+from .blocks import (
     KKT_HINT,
+    ScalarView,
     _blockdiag_cond,
     _inv_checked,
     _where_z,
     route_blocks,
     scalar_view,
 )
-from .woodbury_ops import BlockSparse, Permutation
 
 __all__ = ["WoodburyConditionWarning", "WoodburyInverse", "WoodburyRoute", "woodbury_inverse"]
 
@@ -132,6 +135,23 @@ def _norm2(op, xp, dtype, iters: int = 20, seed: int = 0) -> float:
             return s
         v = w
     return s
+
+
+def _repartition(kept, moved, nz, nx):
+    """The permutation to (kept ``z`` blocks; stages ``(x_k, z_k if moved)``) and stage sizes."""
+    L = len(nz)
+    oz = np.concatenate([[0], np.cumsum(nz)]).astype(int)
+    ox = (np.concatenate([[0], np.cumsum(nx)]) + oz[-1]).astype(int)
+    idx1 = [np.arange(oz[k], oz[k + 1]) for k in kept]
+    stage_sizes, idx2 = [], []
+    for k in range(L):
+        parts = [np.arange(ox[k], ox[k + 1])]
+        if k in moved:
+            parts.append(np.arange(oz[k], oz[k + 1]))
+        idx2.extend(parts)
+        stage_sizes.append(sum(len(p) for p in parts))
+    perm = np.concatenate(idx1 + idx2) if idx1 else np.concatenate(idx2)
+    return perm, stage_sizes
 
 
 class WoodburyRoute:
@@ -162,7 +182,7 @@ class WoodburyRoute:
     The operators below act on the augmented parameter space (size ``Nx``,
     the auxiliary scalar last when the loss was augmented) and on the lifted
     space ``(z, x)`` of size ``Nz + Nx``, in the scalar view of
-    :mod:`blockops.hessian.woodbury_blocks`.
+    :mod:`blockops.woodbury.blocks`.
 
     Attributes
     ----------
@@ -212,8 +232,9 @@ class WoodburyRoute:
         damping = float(damping)
         if not np.isfinite(damping) or damping < 0:
             raise ValueError(f"WoodburyRoute: damping must be finite and >= 0, got {damping}")
-        view = point if hasattr(point, "Jx") else scalar_view(point, augment=augment, s=s)
-        self.point = None if hasattr(point, "Jx") else point
+        given = isinstance(point, ScalarView)  # blocks given directly (tests, study)
+        view = point if given else scalar_view(point, augment=augment, s=s)
+        self.point = None if given else point
         self.view, self.damping = view, damping
         rb = route_blocks(view, damping)
         self.blocks = rb
@@ -277,25 +298,27 @@ class WoodburyRoute:
         return kept, SH11_inv
 
     def _build_partition(self, rb, partition, nz, nx):
-        xp, dt, L = self.xp, self.dtype, len(nz)
+        L = len(nz)
         kept, SH11_inv = self._choose_kept(rb, partition, nz)
         moved = [k for k in range(L) if k not in kept]
         self.kept, self.moved = [k + 1 for k in kept], [k + 1 for k in moved]
         self._SH11_inv = [SH11_inv[k] for k in kept]
-        oz = np.concatenate([[0], np.cumsum(nz)]).astype(int)
-        ox = (np.concatenate([[0], np.cumsum(nx)]) + oz[-1]).astype(int)
-        # the permutation: kept z blocks, then stages (x_k, z_k if moved)
-        idx1 = [np.arange(oz[k], oz[k + 1]) for k in kept]
-        stage_sizes, idx2 = [], []
-        for k in range(L):
-            parts = [np.arange(ox[k], ox[k + 1])]
-            if k in moved:
-                parts.append(np.arange(oz[k], oz[k + 1]))
-            idx2.extend(parts)
-            stage_sizes.append(sum(len(p) for p in parts))
-        perm = np.concatenate(idx1 + idx2) if idx1 else np.concatenate(idx2)
-        self.Pi = Permutation(xp.asarray(perm), dtype=dt)
-        # second block: stage-ordered block-tridiagonal S_H22 (before elimination)
+        perm, stage_sizes = _repartition(kept, moved, nz, nx)
+        self.Pi = Permutation(self.xp.asarray(perm), dtype=self.dtype)
+        self.stage_sizes = stage_sizes
+        D, Lo = self._stage_blocks(rb, moved, stage_sizes, nx)
+        self.S_H22 = BlockTridiagonal(Lo, D, name="S_H22")
+        if not kept:  # nothing to eliminate: S_H (reordered) is already block-tridiagonal
+            self.S_H11 = self.S_H12 = self.S_H21 = self.S_H11_inv = None
+            self.S_H_part = self.S_H22
+            self.schur = self.S_H22
+        else:
+            self._eliminate_kept(rb, kept, SH11_inv, D, Lo, nz, nx)
+        self._invert_schur(kept)
+
+    def _stage_blocks(self, rb, moved, stage_sizes, nx):
+        """Stage-ordered blocks of the block-tridiagonal ``S_H22`` (before elimination)."""
+        xp, dt, L = self.xp, self.dtype, len(stage_sizes)
         D, Lo = [], []
         for k in range(L):
             if k in moved:
@@ -308,35 +331,35 @@ class WoodburyRoute:
             if k in moved:
                 lo[: nx[k + 1], nx[k] :] = rb.SH_zx_next[k].T
             Lo.append(lo)
-        self.S_H22 = BlockTridiagonal(Lo, D, name="S_H22")
-        so = np.concatenate([[0], np.cumsum(stage_sizes)]).astype(int)
+        return D, Lo
+
+    def _eliminate_kept(self, rb, kept, SH11_inv, D, Lo, nz, nx):
+        """The Schur complement of eq. 40: eliminate the kept ``z`` blocks from ``S_H22``."""
+        L, so = len(nx), np.concatenate([[0], np.cumsum(self.stage_sizes)]).astype(int)
+        entries, r = [], 0
+        Ds, Los = [d.copy() for d in D], [lo.copy() for lo in Lo]
+        for k in kept:
+            ra, W = rb.SH_zx[k], SH11_inv[k]
+            entries.append((r, so[k], ra))
+            Ds[k][: nx[k], : nx[k]] -= ra.T @ W @ ra
+            if k < L - 1:
+                rn = rb.SH_zx_next[k]
+                entries.append((r, so[k + 1], rn))
+                Ds[k + 1][: nx[k + 1], : nx[k + 1]] -= rn.T @ W @ rn
+                Los[k][: nx[k + 1], : nx[k]] -= rn.T @ W @ ra
+            r += nz[k]
         n1 = sum(nz[k] for k in kept)
-        self.stage_sizes = stage_sizes
-        if not kept:  # nothing to eliminate: S_H (reordered) is already block-tridiagonal
-            self.S_H11 = self.S_H12 = self.S_H21 = self.S_H11_inv = None
-            self.S_H_part = self.S_H22
-            self.schur = self.S_H22
-        else:
-            entries, r = [], 0
-            Ds, Los = [d.copy() for d in D], [lo.copy() for lo in Lo]
-            for k in kept:
-                ra, W = rb.SH_zx[k], SH11_inv[k]
-                entries.append((r, so[k], ra))
-                Ds[k][: nx[k], : nx[k]] -= ra.T @ W @ ra
-                if k < L - 1:
-                    rn = rb.SH_zx_next[k]
-                    entries.append((r, so[k + 1], rn))
-                    Ds[k + 1][: nx[k + 1], : nx[k + 1]] -= rn.T @ W @ rn
-                    Los[k][: nx[k + 1], : nx[k]] -= rn.T @ W @ ra
-                r += nz[k]
-            self.S_H11 = BlockDiagonal([rb.SH11[k] for k in kept], name="S_H11")
-            self.S_H11_inv = BlockDiagonal([SH11_inv[k] for k in kept], name="S_H11^-1")
-            self.S_H12 = BlockSparse(entries, (n1, so[-1]), dt, xp, name="S_H12")
-            self.S_H21 = self.S_H12.H
-            self.S_H_part = Partitioned2x2(
-                self.S_H11, self.S_H12, self.S_H21, self.S_H22, name="S_H (repartitioned)"
-            )
-            self.schur = BlockTridiagonal(Los, Ds, name="S_H Schur complement (eq. 40)")
+        self.S_H11 = BlockDiagonal([rb.SH11[k] for k in kept], name="S_H11")
+        self.S_H11_inv = BlockDiagonal([SH11_inv[k] for k in kept], name="S_H11^-1")
+        self.S_H12 = BlockSparse(entries, (n1, so[-1]), self.dtype, self.xp, name="S_H12")
+        self.S_H21 = self.S_H12.H
+        self.S_H_part = Partitioned2x2(
+            self.S_H11, self.S_H12, self.S_H21, self.S_H22, name="S_H (repartitioned)"
+        )
+        self.schur = BlockTridiagonal(Los, Ds, name="S_H Schur complement (eq. 40)")
+
+    def _invert_schur(self, kept):
+        """Factor the Schur complement and assemble ``S_H⁻¹`` (eqs. 41-43)."""
         try:
             self.schur_inv = self.schur.inverse()
         except SingularBlockError as err:
@@ -395,7 +418,7 @@ class WoodburyRoute:
 
 
 class WoodburyInverse(LinearOperator):
-    r"""``(H + λI)⁻¹`` by eq. 28 with the cheaper forms of ``DESIGN.md`` item 5.
+    r"""``(H + λI)⁻¹`` by eq. 28 with the cheaper forms of item 5 below (docs: derivation).
 
     Forward, for ``g`` (padded with zeros for the auxiliary scalar when the
     route augmented the loss, item 1):
@@ -457,8 +480,6 @@ class WoodburyInverse(LinearOperator):
         r = self.route
         if r.point is None:
             raise ValueError("WoodburyInverse.residual: the route was built from blocks, no Point")
-        from .hessian import hessian  # late import: hessian.py is a sibling module
-
         xp = r.xp
         x = self.matvec(g) if x is None else x
         n = r.view.n_user if r.view.augmented else r.Nx
