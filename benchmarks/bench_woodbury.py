@@ -1,7 +1,7 @@
 """The paper's inverse route (eqs. 25-43, corrected) against the general exact route.
 
-For square networks of the valid families (docs: derivation, item 1 of the route's conditions) and depths 2
-to 256, this measures the time to build and apply ``H⁻¹`` by
+For square networks of the valid families (docs: derivation, "The
+mathematics", item 1) and depths 2 to 256, this measures the time to build and apply ``H⁻¹`` by
 :func:`blockops.woodbury.woodbury_inverse` and by
 ``inverse_hessian(method="kkt")``, the relative residual
 ``‖H x − g‖ / ‖g‖`` of each (``H`` the fused Hessian-vector product), their
@@ -25,8 +25,8 @@ from blockops import SingularBlockError
 from blockops.cli.problem import best_time
 from blockops.hessian import hessian
 from blockops.inverse import inverse_hessian
-from blockops.woodbury import woodbury_inverse
 from blockops.network import Dense, MSELoss, Pipeline, Scale, SoftmaxCrossEntropy
+from blockops.woodbury import woodbury_inverse
 
 FAMILIES = {
     # name: (layer factory, width, batch, loss)

@@ -36,6 +36,7 @@ import math
 
 import numpy as np
 
+from .._checks import check_int
 from ._util import array_module as get_array_module
 from ._util import check_forward, n_directions
 from .activations import get_activation
@@ -63,11 +64,8 @@ class Dense(Layer):
     """
 
     def __init__(self, n_in: int, n_out: int, activation="tanh"):
-        n_in, n_out = int(n_in), int(n_out)
-        if n_in < 1 or n_out < 1:
-            raise ValueError(
-                f"{type(self).__name__}: sizes must be >= 1, got n_in={n_in}, n_out={n_out}"
-            )
+        n_in = check_int(type(self).__name__, "n_in", n_in, 1)
+        n_out = check_int(type(self).__name__, "n_out", n_out, 1)
         self.n_in, self.n_out = n_in, n_out
         self.act = get_activation(activation)
         self.n_params = n_out * n_in + n_out

@@ -1,7 +1,9 @@
 r"""The layer interface: one stage ``z_l = f_l(z_{l-1}; x_l)`` of a pipeline.
 
-Shapes and conventions (docs: architecture, "Conventions")
-----------------------------------------------------------
+Shapes and conventions
+----------------------
+(The package-wide conventions are in the docs: architecture, "Conventions".)
+
 * A batch of ``B`` samples is stacked in the activations: ``z_prev`` has shape
   ``(B, n_in)`` and ``z = f(z_prev; x)`` has shape ``(B, n_out)``. Flat
   vectors are sample-major (``z.ravel()``).

@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pylops.utils import dottest
 
-from blockops.hessian import FusedHessian, hessian, hvp
-from blockops.hessian import ggn_vp
+from blockops.hessian import FusedHessian, ggn_vp, hessian, hvp
 from blockops.hessian.fused import stacked_runs
 from blockops.hessian.parts import point_structure
 from blockops.network import Pipeline

@@ -38,8 +38,19 @@ from pylops.utils import dottest
 
 from blockops.hessian import ggn_vp, hessian, hvp
 from blockops.inverse import inverse_hessian
-from blockops.network import Bias, Cache, Dense, Elementwise, Layer, MSELoss, Pipeline, Residual
-from blockops.network import Scale
+from blockops.network import (
+    Bias,
+    Cache,
+    CustomLoss,
+    Dense,
+    Elementwise,
+    Layer,
+    MSELoss,
+    Pipeline,
+    Residual,
+    Scale,
+    SoftmaxCrossEntropy,
+)
 
 jax.config.update("jax_enable_x64", True)
 
@@ -351,8 +362,6 @@ def jax_reference(net, x, X, y):
 # -- the cases: one per layer type ----------------------------------------------------
 def _layers(name):
     """``(layers, loss, batch, indefinite)``: ``indefinite`` is checked with eigvalsh."""
-    from blockops.network import CustomLoss, SoftmaxCrossEntropy
-
     huber = CustomLoss(*ref.PSEUDO_HUBER, name="PseudoHuber")
     return {
         # two square Dense layers in a row: the stacked sweep and the low-rank stage
@@ -440,8 +449,18 @@ def case(name):
         y = rng.standard_normal((B, n_last))
     L, g, H, G = jax_reference(net, x, X, y)
     pt = net.linearize(x, X, y)
-    return {"net": net, "x": x, "X": X, "y": y, "pt": pt, "loss": L, "grad": g, "H": H, "G": G,
-            "indefinite": indefinite}
+    return {
+        "net": net,
+        "x": x,
+        "X": X,
+        "y": y,
+        "pt": pt,
+        "loss": L,
+        "grad": g,
+        "H": H,
+        "G": G,
+        "indefinite": indefinite,
+    }
 
 
 def rel(A, B):

@@ -20,14 +20,14 @@ from hypothesis import strategies as st
 from pylops.utils import dottest
 
 from blockops import SingularBlockError
+from blockops.network import Bias, Dense, MSELoss, Pipeline, Scale, SoftmaxCrossEntropy
+from blockops.network.auxiliary import AuxiliaryScalarLoss
 from blockops.woodbury import (
     WoodburyConditionWarning,
     WoodburyRoute,
     woodbury_inverse,
 )
 from blockops.woodbury.blocks import scalar_view
-from blockops.network import Bias, Dense, MSELoss, Pipeline, Scale, SoftmaxCrossEntropy
-from blockops.network.auxiliary import AuxiliaryScalarLoss
 
 EPS = np.finfo(np.float64).eps
 

@@ -279,8 +279,10 @@ def test_layer_input_errors():
         layer.jvp(c, None, np.zeros((1, 3)))
     with pytest.raises(ValueError, match="both are None"):
         layer.hvp(c, np.ones((2, 4)), None, None)
-    with pytest.raises(ValueError, match="sizes must be"):
+    with pytest.raises(ValueError, match=r"n_in=0; expected an integer >= 1"):
         Dense(0, 3)
+    with pytest.raises(ValueError, match=r"n_in=3.5; expected an integer"):
+        Dense(3.5, 4)  # used to be truncated to 3 silently
     with pytest.raises(ValueError, match="size must be"):
         Bias(0)
     for L in (Scale, Elementwise):
