@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PIVOT_RTOL_FACTOR", "SingularBlockError", "pivot_rtol", "singular_pivots"]
+__all__ = [
+    "PIVOT_RTOL_FACTOR",
+    "SingularBlockError",
+    "damping_hint",
+    "pivot_rtol",
+    "singular_pivots",
+    "upper_first",
+]
 
 PIVOT_RTOL_FACTOR = 10.0
 
@@ -55,3 +62,20 @@ def singular_pivots(small, big, dtype):
     scale (arrays of the same shape, any backend, or floats).
     """
     return np.logical_not(small > pivot_rtol(dtype) * big)  # NaN compares False: singular
+
+
+def damping_hint(damping: float, dtype) -> str:
+    """The remedy for a singular ``H + λI``, relative to the damping already given.
+
+    The useful damping grows with the working precision's ``eps``: about
+    ``1e-6 ||H||`` keeps float64 pivots well clear of the criterion, about
+    ``1e-3 ||H||`` float32 ones.
+    """
+    scale = "1e-3" if np.dtype(dtype) == np.float32 else "1e-6"
+    now = f"above the current {damping:.1e}" if damping > 0 else "(now 0)"
+    return f"increase damping {now}, e.g. to {scale} * ||H|| in {np.dtype(dtype).name}"
+
+
+def upper_first(text: str) -> str:
+    """``text`` with its first letter upper case (``str.capitalize`` lowers the rest)."""
+    return text[:1].upper() + text[1:]

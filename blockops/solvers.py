@@ -3,14 +3,23 @@ r"""Krylov solvers (CG, MINRES, GMRES) for blockops operators, with a record.
 Thin wrappers over ``scipy.sparse.linalg`` (NumPy arrays) or
 ``cupyx.scipy.sparse.linalg`` (CuPy arrays), chosen by the backend of the
 right-hand side (:func:`blockops.backend.get_sparse_linalg`). They accept
-pylops / blockops ``LinearOperator`` objects or arrays, count iterations,
-record the true relative residual ``‖b − A x_k‖ / ‖b‖`` per iteration (one
-extra product per iteration; ``history=False`` skips it) and return a
-:class:`SolveResult`.
+pylops / blockops ``LinearOperator`` objects or arrays, count iterations
+(GMRES: inner iterations), record a relative residual per iteration (CG and
+MINRES: the true ``‖b − A x_k‖ / ‖b‖``, one extra product per iteration;
+GMRES: the solver's own estimate, free; ``history=False`` skips the record)
+and return a :class:`SolveResult`.
+
+``converged`` is not the solver's flag: after every solve the true relative
+residual ``‖b − A x‖ / ‖b‖`` of the returned ``x`` is computed once (one extra
+product) and ``converged`` is ``residual <= rtol``. The solver's own verdict
+stays in ``info`` / ``solver_converged``; the two differ when the solver's
+recursively updated residual drifts from the true one (MINRES on indefinite,
+ill-conditioned ``A`` reports success far above ``rtol``).
 
 Host-device traffic: on CuPy the operator products, the preconditioner and
 the residual record stay on the device; the record is copied to the host once,
-after the solve (``residuals``), and ``‖b‖`` is the one scalar read before it.
+after the solve (``residuals``); ``‖b‖`` before the solve and the final true
+residual after it are the other scalar reads.
 The convergence test inside ``cupyx.scipy.sparse.linalg`` itself reads one
 scalar per iteration (the library's own loop; not avoidable from here). The
 tolerance keyword is passed as ``rtol`` or, to the CuPy solvers that still
@@ -53,19 +62,48 @@ __all__ = ["SolveResult", "cg", "gmres", "minres", "positive_preconditioner"]
 class SolveResult:
     """What a Krylov solve returned and how it got there.
 
+    ``converged`` is decided here, not by the solver: after the solve the
+    wrapper computes the true relative residual ``‖b − A x‖ / ‖b‖`` of the
+    returned ``x`` once (one extra operator product) and sets
+    ``converged = residual <= rtol``. The solvers' own tests use other
+    quantities — CG its recursively updated residual, MINRES a recursively
+    updated estimate scaled by ``‖A‖‖x‖ + ‖b‖`` (which drifts from, and is
+    weaker than, the true residual on indefinite or ill-conditioned ``A``),
+    GMRES the left-preconditioned residual — so the solver may report success
+    (``info == 0``, ``solver_converged``) at a true residual above ``rtol``;
+    then ``converged`` is False.
+
     Attributes
     ----------
     x : array
         The solution.
     info : int
-        SciPy's flag: 0 converged, > 0 iteration limit reached, < 0 breakdown.
+        The solver's own flag: 0 converged (by its own test), > 0 iteration
+        limit reached, < 0 breakdown.
     iterations : int
-        Number of iterations (callback calls).
+        Number of iterations: CG / MINRES iterations, GMRES *inner* (Arnoldi)
+        iterations summed over the restart cycles.
     residuals : list of float
-        True relative residual ``‖b − A x_k‖ / ‖b‖`` after each iteration
-        (empty with ``history=False``).
+        Per-iteration record (empty with ``history=False``). CG, MINRES: the
+        true relative residual ``‖b − A x_k‖ / ‖b‖`` after each iteration (one
+        extra product per iteration). GMRES: the solver's own relative residual
+        estimate, free — SciPy: one per inner iteration, the
+        (left-)preconditioned residual norm over ``‖b‖`` (the true relative
+        residual, up to rounding, only when ``M`` is None); CuPy: one per
+        restart cycle, the true relative residual after that cycle.
     time : float
-        Wall-clock seconds.
+        Wall-clock seconds (the final residual check included).
+    residual : float
+        True relative residual ``‖b − A x‖ / ‖b‖`` of the returned ``x``
+        (``‖b − A x‖`` when ``b = 0``), computed once after the solve.
+    converged : bool
+        ``residual <= rtol``: the true residual met the requested tolerance.
+    rtol : float
+        The requested relative tolerance.
+    solver_residual : float or None
+        The solver's own final residual estimate where it reports one (GMRES:
+        the last entry of its callback, as in ``residuals``); None for CG and
+        MINRES, whose SciPy / CuPy interfaces do not return it.
     """
 
     x: Any
@@ -73,9 +111,14 @@ class SolveResult:
     iterations: int
     residuals: list = field(default_factory=list)
     time: float = 0.0
+    residual: float = float("nan")
+    converged: bool = False
+    rtol: float = float("nan")
+    solver_residual: float | None = None
 
     @property
-    def converged(self) -> bool:
+    def solver_converged(self) -> bool:
+        """The solver's own verdict (``info == 0``); see ``converged``."""
         return self.info == 0
 
 
@@ -104,20 +147,44 @@ def _run(name, A, b, x0, M, rtol, maxiter, history, **kw):
     Aop = _as_operator(sla, A, n, dtype)
     Mop = _as_operator(sla, M, n, dtype)
     nb = float(xp.linalg.norm(b)) or 1.0
-    residuals: list = []  # device scalars until the solve ends
+    record: list = []  # relative residuals, device scalars until the solve ends
     count = [0]
+    last = [None]  # GMRES: the solver's latest residual estimate
+    # GMRES reports its own residual estimate: SciPy once per inner iteration,
+    # CuPy once per restart cycle of exactly ``restart`` inner iterations.
+    gmres_step = 1
+    if name == "gmres":
+        kw["callback_type"] = "pr_norm"
+        if xp is not np:
+            gmres_step = min(kw.get("restart") or 20, n)  # CuPy's default restart is 20
 
-    def callback(xk):
+    def callback(arg):
         count[0] += 1
-        if history:
-            residuals.append(xp.linalg.norm(b - Aop.matvec(xk)))
+        if name == "gmres":
+            last[0] = arg
+            if history:
+                record.append(arg)
+        elif history:
+            record.append(xp.linalg.norm(b - Aop.matvec(arg)) / nb)
 
     t0 = time.perf_counter()
     solver = getattr(sla, name)
     kw[_tol_keyword(solver)] = rtol
     x, info = solver(Aop, b, x0=x0, maxiter=maxiter, M=Mop, callback=callback, **kw)
-    record = (xp.stack(residuals) / nb).tolist() if residuals else []  # one copy to the host
-    return SolveResult(x, int(info), count[0], record, time.perf_counter() - t0)
+    res = float(xp.linalg.norm(b - Aop.matvec(x))) / nb  # the one extra product
+    # one copy of the record to the host
+    residuals = xp.stack([xp.asarray(r) for r in record]).tolist() if record else []
+    return SolveResult(
+        x,
+        int(info),
+        count[0] * gmres_step,
+        residuals,
+        time.perf_counter() - t0,
+        residual=res,
+        converged=bool(res <= rtol),
+        rtol=rtol,
+        solver_residual=None if last[0] is None else float(last[0]),
+    )
 
 
 def _tol_keyword(solver):
@@ -130,22 +197,40 @@ def _tol_keyword(solver):
 
 
 def cg(A, b, x0=None, M=None, rtol=1e-8, maxiter=None, history=True):
-    """Conjugate gradients for symmetric positive definite ``A`` (and ``M``)."""
+    """Conjugate gradients for symmetric positive definite ``A`` (and ``M``).
+
+    ``converged`` means ``‖b − A x‖ / ‖b‖ <= rtol`` for the returned ``x``,
+    checked with one extra product after the solve (see :class:`SolveResult`).
+    """
     return _run("cg", A, b, x0, M, rtol, maxiter, history)
 
 
 def minres(A, b, x0=None, M=None, rtol=1e-8, maxiter=None, history=True):
-    """MINRES for symmetric (indefinite) ``A``; ``M`` must be positive definite."""
+    """MINRES for symmetric (indefinite) ``A``; ``M`` must be positive definite.
+
+    The solver stops on its own recursively updated estimate, relative to
+    ``‖A‖‖x‖ + ‖b‖``; on indefinite or ill-conditioned ``A`` it can report
+    success (``info == 0``) far above ``rtol`` in the true residual. ``converged``
+    is therefore ``‖b − A x‖ / ‖b‖ <= rtol``, checked with one extra product
+    after the solve (see :class:`SolveResult`).
+    """
     return _run("minres", A, b, x0, M, rtol, maxiter, history)
 
 
 def gmres(A, b, x0=None, M=None, rtol=1e-8, maxiter=None, restart=None, history=True):
     """Restarted GMRES for any nonsingular ``A``; any ``M``.
 
-    ``iterations`` counts inner iterations (SciPy's ``callback_type='x'``
-    calls the callback once per restart cycle, so the record is per cycle).
+    ``iterations`` counts inner (Arnoldi) iterations summed over the restart
+    cycles. SciPy (``callback_type='pr_norm'``) calls back once per inner
+    iteration with its relative residual estimate, recorded in ``residuals``.
+    CuPy calls back once per restart cycle and always runs a cycle to its end,
+    so there ``iterations`` is ``restart`` (default ``min(20, n)``) times the
+    number of cycles and ``residuals`` has one entry per cycle. ``maxiter`` is
+    passed through as is: SciPy counts restart cycles, CuPy inner iterations.
+    ``converged`` means ``‖b − A x‖ / ‖b‖ <= rtol``, checked with one extra
+    product after the solve (see :class:`SolveResult`).
     """
-    return _run("gmres", A, b, x0, M, rtol, maxiter, history, restart=restart, callback_type="x")
+    return _run("gmres", A, b, x0, M, rtol, maxiter, history, restart=restart)
 
 
 def positive_preconditioner(point, damping, method="auto", refine=0):

@@ -82,3 +82,56 @@ def test_arrays_and_bad_input(case):
     bad[0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         solvers.gmres(Hl, bad)
+
+
+def test_gmres_iterations_count_inner_iterations():
+    # 50x50 nonsymmetric, well conditioned (cond ~ 4); restart=5 needs several
+    # inner iterations per cycle, so cycles and inner iterations differ
+    import scipy.sparse.linalg as sla
+
+    rng = np.random.default_rng(0)
+    n = 50
+    A = 2 * np.eye(n) + rng.standard_normal((n, n)) / np.sqrt(n)
+    b = rng.standard_normal(n)
+    inner, cycles = [], []
+    sla.gmres(A, b, rtol=1e-8, restart=5, callback=inner.append, callback_type="pr_norm")
+    sla.gmres(A, b, rtol=1e-8, restart=5, callback=cycles.append, callback_type="x")
+    assert len(inner) > len(cycles) + 5  # many inner iterations per cycle
+    res = solvers.gmres(A, b, rtol=1e-8, restart=5)
+    assert res.iterations == len(inner)
+    assert len(res.residuals) == res.iterations
+    np.testing.assert_allclose(res.residuals, inner, rtol=1e-12)
+    assert res.solver_residual == pytest.approx(inner[-1], rel=1e-12)
+    assert res.converged and res.solver_converged
+    np.testing.assert_allclose(res.residual, rel(A, res.x, b), rtol=1e-10)
+    assert res.residual <= 1e-8
+    quiet = solvers.gmres(A, b, rtol=1e-8, restart=5, history=False)
+    assert quiet.iterations == len(inner) and quiet.residuals == []
+
+
+def test_minres_converged_from_true_residual():
+    # symmetric indefinite, eigenvalues ±[1e-4, 1] and three of size ~1e-6:
+    # SciPy's MINRES stops on its recursive estimate (info == 0) with a true
+    # relative residual far above rtol; converged must say so
+    rng = np.random.default_rng(0)
+    n, rtol = 60, 1e-8
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    mags = np.logspace(-4, 0, n)
+    mags[:3] = 1e-6 * (1 + rng.random(3))
+    lam = rng.choice([-1.0, 1.0], n) * mags
+    A = (Q * lam) @ Q.T
+    A = (A + A.T) / 2
+    b = rng.standard_normal(n)
+    res = solvers.minres(A, b, rtol=rtol, maxiter=10 * n)
+    true = rel(A, res.x, b)
+    assert res.info == 0  # the solver's own claim
+    assert true > 1e3 * rtol
+    assert not res.converged
+    assert res.solver_converged
+    np.testing.assert_allclose(res.residual, true, rtol=1e-8)
+    assert res.rtol == rtol and res.solver_residual is None
+    np.testing.assert_allclose(res.residuals[-1], true, rtol=1e-6)
+    # a well-posed SPD solve still converges by the true residual
+    spd = (Q * mags) @ Q.T + np.eye(n)
+    ok = solvers.cg((spd + spd.T) / 2, b, rtol=rtol, history=False)
+    assert ok.converged and ok.residual <= rtol and ok.residuals == []

@@ -18,6 +18,7 @@ from pylops import LinearOperator
 
 from .._checks import KINDS, check_choice, check_damping, check_finite, check_on_backend
 from ..network.layer import fused_steps
+from ..operators._common import ArrayOperands
 from .parts import point_structure
 
 __all__ = ["FusedHessian", "ggn_vp", "hvp", "stacked_runs"]
@@ -209,7 +210,7 @@ def ggn_vp(point, V):
     return _result(st, out, V)
 
 
-class FusedHessian(LinearOperator):
+class FusedHessian(ArrayOperands, LinearOperator):
     r"""``H + λ I`` (or ``G + λ I``) applied by the fused sweeps of :func:`hvp` / :func:`ggn_vp`.
 
     Forward and adjoint are the same (``H`` is symmetric):
@@ -237,6 +238,10 @@ class FusedHessian(LinearOperator):
 
     def __reduce__(self):
         return type(self), (self.point, self.damping, self.kind)
+
+    @property
+    def xp(self):
+        return self.st.xp
 
     def _mv(self, X):
         Y = self._apply(self.point, X)

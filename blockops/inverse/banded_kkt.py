@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import factor_symmetric_banded, get_array_module
-from ..singular import SingularBlockError
+from ..singular import SingularBlockError, damping_hint
 
 __all__ = ["BandedKKT"]
 
@@ -87,7 +87,7 @@ class BandedKKT:
             raise SingularBlockError(
                 f"BandedKKT: the pivoted factorisation of the lifted KKT system is numerically "
                 f"singular in block row {l} ({layers[l - 1].name}): H + damping*I is singular "
-                "or nearly so; add damping (e.g. damping=1e-8 * ||H||).",
+                f"or nearly so; {damping_hint(self.damping, self.dtype)}.",
                 layer=l,
             ) from None
         self.logdet = self._fac.logdet

@@ -50,28 +50,30 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import factor_symmetric, get_array_module
-from ..singular import SingularBlockError, singular_pivots
+from ..singular import SingularBlockError, damping_hint, singular_pivots
+from ..singular import upper_first as _upper_first
 
 __all__ = ["ExplicitStage", "StagewiseFactor", "factor_stage_pivot", "stages_from_point"]
 
 
-def _singular(name: str, index: int, detail: str) -> SingularBlockError:
+def _singular(name: str, index: int, detail: str, damping, dtype) -> SingularBlockError:
     return SingularBlockError(
         f"stagewise factorisation: the stage pivot Q_uu of {name} is {detail}; "
         "H + damping*I is singular or nearly so in the stagewise ordering. "
-        "Add damping (e.g. damping=1e-6 * ||H||) or use method='kkt' (pivoted banded LU).",
+        f"{_upper_first(damping_hint(damping, dtype))}, or use method='kkt' (pivoted banded LU).",
         layer=index,
     )
 
 
-def factor_stage_pivot(Q, name: str, index: int):
+def factor_stage_pivot(Q, name: str, index: int, damping: float = 0.0):
     """Factor a symmetric stage pivot ``Q_uu`` (backend kernel) or raise naming the layer."""
     fac = factor_symmetric(Q)
     rcond = fac.rcond
     if rcond == 0 or not np.isfinite(rcond):
-        raise _singular(name, index, "exactly singular")
+        raise _singular(name, index, "exactly singular", damping, Q.dtype)
     if singular_pivots(rcond, 1.0, Q.dtype):
-        raise _singular(name, index, f"numerically singular (reciprocal condition {rcond:.1e})")
+        detail = f"numerically singular (reciprocal condition {rcond:.1e})"
+        raise _singular(name, index, detail, damping, Q.dtype)
     return fac
 
 
@@ -146,7 +148,7 @@ class ExplicitStage:
             Qus += Bx.T @ VA
             Quu += Bx.T @ (V @ Bx)
         Quu = 0.5 * (Quu + Quu.T)
-        self.pivot = factor_stage_pivot(Quu, self.name, self.index)
+        self.pivot = factor_stage_pivot(Quu, self.name, self.index, self.damping)
         if self.p:
             self.X = self.pivot.solve(Qus)  # gain Q_uu^-1 Q_us
             Vp = Qss - Qus.T @ self.X

@@ -55,7 +55,8 @@ from ..backend import (
     pivot_magnitudes,
     pivot_solver,
 )
-from ..singular import SingularBlockError, singular_pivots
+from ..singular import SingularBlockError, damping_hint, singular_pivots
+from ..singular import upper_first as _upper_first
 
 __all__ = ["DenseSegment", "dense_segments"]
 
@@ -281,7 +282,8 @@ class DenseSegment:
         return SingularBlockError(
             f"stagewise sweep: the stage pivot Q_uu of {ly.name} is {detail}; "
             "H + damping*I is singular or nearly so in the stagewise ordering. "
-            "Add damping or use method='kkt' (pivoted banded LU).",
+            f"{_upper_first(damping_hint(self.damping, self.W.dtype))}, or use method='kkt' "
+            "(pivoted banded LU).",
             layer=self.first_index + j,
         )
 

@@ -282,6 +282,11 @@ class Pipeline:
 
     # -- checks ----------------------------------------------------------------
     def _check_params_shape(self, x) -> None:
+        if not hasattr(x, "shape"):
+            raise TypeError(
+                f"Pipeline: parameters must be a 1-D array (NumPy or CuPy), got "
+                f"{type(x).__name__}; e.g. np.asarray(x) or net.init()"
+            )
         if getattr(x, "ndim", None) != 1 or x.shape[0] != self.n_params:
             parts = " + ".join(f"{ly.n_params} ({ly.name})" for ly in self.layers if ly.n_params)
             raise ValueError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from pylops import LinearOperator
+from scipy.sparse.linalg import LinearOperator as spLinearOperator
 
 from .._checks import (
     SingularBlockError,
@@ -31,8 +32,10 @@ from .._checks import (
     result_dtype,
 )
 from ..backend import backend_name, get_array_module, get_linalg, is_cupy_array
+from ..singular import singular_pivots
 
 __all__ = [
+    "ArrayOperands",
     "BlockOperator",
     "Run",
     "apply_runs",
@@ -172,7 +175,41 @@ def apply_runs(xp: Any, runs: list, X, out, adjoint: bool = False, add: bool = F
     return out
 
 
-class BlockOperator(LinearOperator):
+class ArrayOperands:
+    """Mixin for LinearOperators: lists and tuples become arrays of the operator's backend.
+
+    pylops reads ``x.shape`` before any check of ours, so a list used to fail
+    with a bare ``AttributeError``. Anything else without a shape is refused
+    with a ``TypeError`` naming the operator. Needs ``self.xp`` (``None``: NumPy).
+    """
+
+    def _operand(self, x):
+        if hasattr(x, "shape") or isinstance(x, (LinearOperator, spLinearOperator)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return (self.xp or np).asarray(x)
+        raise TypeError(
+            f"{self.name}: expected an array (NumPy or CuPy) or a LinearOperator, "
+            f"got {type(x).__name__}"
+        )
+
+    def dot(self, x):
+        return super().dot(self._operand(x))
+
+    def matvec(self, x):
+        return super().matvec(self._operand(x))
+
+    def rmatvec(self, x):
+        return super().rmatvec(self._operand(x))
+
+    def matmat(self, X):
+        return super().matmat(self._operand(X))
+
+    def rmatmat(self, X):
+        return super().rmatmat(self._operand(X))
+
+
+class BlockOperator(ArrayOperands, LinearOperator):
     """Base class: backend and length checks, vectors routed through ``_matmat``.
 
     Subclasses set ``self.xp`` (``None``: follow the input's backend) and
@@ -228,7 +265,6 @@ class _DenseLU(BlockOperator):
         self._lu_mod = get_linalg(xp)
         # pivots are judged against the scale of A and of the terms A was formed from
         scale = max(scale, float(xp.max(xp.abs(A))) if A.size else 0.0)
-        tol = n * np.finfo(A.dtype).eps * scale
         try:
             with warnings.catch_warnings():  # an exact zero pivot is reported below, by name
                 warnings.simplefilter("ignore", getattr(self._lu_mod, "LinAlgWarning", Warning))
@@ -236,7 +272,7 @@ class _DenseLU(BlockOperator):
         except (np.linalg.LinAlgError, ValueError) as err:  # pragma: no cover - LAPACK path
             raise SingularBlockError(f"{owner}: {what} ({n}x{n}) is singular: {err}") from None
         piv = xp.abs(xp.diagonal(self._lu[0]))
-        if n and (not bool(xp.all(xp.isfinite(piv))) or float(xp.min(piv)) <= tol):
+        if n and bool(singular_pivots(float(xp.min(piv)), scale, A.dtype)):
             raise SingularBlockError(
                 f"{owner}: {what} ({n}x{n}) is singular or numerically singular "
                 f"(smallest LU pivot {float(xp.min(piv)):.3g}); add damping or pass an explicit "

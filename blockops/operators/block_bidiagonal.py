@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._checks import SingularBlockError, result_dtype
+from ..singular import pivot_rtol
 from ._common import (
     BlockOperator,
     apply_runs,
@@ -239,19 +240,20 @@ class BlockBidiagonalInverse(BlockOperator):
     def _invert(owner, D4, first: int, xp):
         """Inverses of ``D4`` ``(n, G, r, r)`` (diagonal blocks ``first ..``), all at once.
 
-        A block is singular when its 1-norm condition estimate exceeds
-        ``1 / (r eps)``; the first such block raises ``SingularBlockError``.
+        A block is singular by the criterion of :mod:`blockops.singular` applied
+        to its reciprocal 1-norm condition number (or, when the inverse fails,
+        its smallest and largest singular values); the first such block raises
+        ``SingularBlockError``.
         """
-        r = D4.shape[-1]
-        eps = np.finfo(D4.dtype).eps
+        rtol = pivot_rtol(D4.dtype)
         try:
             Dinv = xp.linalg.inv(D4)
             n1 = xp.max(xp.sum(xp.abs(D4), axis=-2), axis=-1)
             n1i = xp.max(xp.sum(xp.abs(Dinv), axis=-2), axis=-1)
-            ok = xp.isfinite(n1i) & (n1 * n1i * eps * r < 1)  # (n, G)
+            ok = xp.isfinite(n1i) & (n1 * n1i * rtol < 1)  # (n, G): rcond > 10 eps
         except np.linalg.LinAlgError:  # NumPy raises for an exactly singular matrix
             Dinv, s = None, xp.linalg.svd(D4, compute_uv=False)
-            ok = s[..., -1] > r * eps * s[..., 0]
+            ok = s[..., -1] > rtol * s[..., 0]
         ok_blocks = xp.all(ok, axis=-1)
         if Dinv is not None and bool(xp.all(ok_blocks)):
             return Dinv

@@ -92,7 +92,7 @@ import numpy as np
 import pylops
 from pylops import LinearOperator
 
-from .._checks import SingularBlockError, check_vector
+from .._checks import SingularBlockError, check_choice, check_damping, check_vector
 from ..hessian import hessian
 from ..operators import (
     BlockBidiagonal,
@@ -225,13 +225,8 @@ class WoodburyRoute:
     """
 
     def __init__(self, point, damping=0.0, partition="auto", rtol=None, augment="auto", s=1.0):
-        if partition not in PARTITIONS:
-            raise ValueError(
-                f"WoodburyRoute: partition must be one of {PARTITIONS}, got {partition!r}"
-            )
-        damping = float(damping)
-        if not np.isfinite(damping) or damping < 0:
-            raise ValueError(f"WoodburyRoute: damping must be finite and >= 0, got {damping}")
+        check_choice("WoodburyRoute", "partition", partition, PARTITIONS)
+        damping = check_damping("WoodburyRoute", damping)
         given = isinstance(point, ScalarView)  # blocks given directly (tests, study)
         view = point if given else scalar_view(point, augment=augment, s=s)
         self.point = None if given else point

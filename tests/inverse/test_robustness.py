@@ -140,3 +140,50 @@ def test_hopeless_fallback_keeps_the_first_error(monkeypatch):
     monkeypatch.setattr(op, "available_bytes", lambda: 1024)  # a machine with 1 KiB
     with pytest.raises(SingularBlockError, match=r"stage pivot.*would need about"):
         inverse_hessian(pt, damping=0.0)
+
+
+def test_lists_are_accepted_as_operands_and_junk_is_refused():
+    """A list used to reach pylops and fail with a bare AttributeError."""
+    net, pt, rng = _large_target_case()
+    v = rng.standard_normal(net.n_params)
+    H, Hi = hessian(pt, damping=1.0), inverse_hessian(pt, damping=1.0)
+    np.testing.assert_array_equal(H @ list(v), H @ v)
+    np.testing.assert_allclose(Hi @ list(v), Hi @ v, rtol=1e-14)
+    with pytest.raises(TypeError, match="expected an array"):
+        H.matvec({"v": v})
+
+
+def test_parameters_as_a_list_are_refused_clearly():
+    """A list of parameters used to be reported as 'shape ()'."""
+    net, pt, _ = _large_target_case()
+    with pytest.raises(TypeError, match="parameters must be a 1-D array"):
+        net.linearize(list(pt.params), pt.X, pt.y)
+
+
+def test_mixed_precision_fallback_warns():
+    """precision='mixed' used to redo the sweep in float64 silently."""
+    net = Pipeline([Dense(4, 4) for _ in range(3)] + [MSELoss()])
+    rng = np.random.default_rng(0)
+    pt = net.linearize(net.init(), rng.standard_normal((2, 4)), rng.standard_normal((2, 4)))
+    # damping 1e-6: stage pivot ratios near 1e-6, singular in float32 (10 eps = 1.2e-6) only
+    inverse_hessian(pt, damping=1e-6, method="riccati", check=False)  # fine in float64
+    with pytest.warns(RuntimeWarning, match="factored in float64 instead"):
+        Hi = inverse_hessian(pt, damping=1e-6, precision="mixed", method="riccati", check=False)
+    assert Hi.work_dtype == np.float64
+
+
+def test_float32_damping_hint_is_above_the_given_damping():
+    """float32 singular errors used to suggest a damping smaller than the one given."""
+    net = Pipeline([Dense(4, 4) for _ in range(3)] + [MSELoss()])
+    pt = net.linearize(net.init(dtype=np.float32), np.ones((1, 4), np.float32), np.zeros((1, 4)))
+    with pytest.raises(SingularBlockError, match=r"above the current 1\.0e-12, e.g. to 1e-3 \*"):
+        inverse_hessian(pt, damping=1e-12, method="riccati")
+
+
+def test_an_overflowing_solve_names_the_cause(monkeypatch):
+    """An overflow used to surface as 'hvp: V contains N NaN' from the refinement."""
+    net, pt, rng = _large_target_case()
+    Hi = inverse_hessian(pt, damping=1.0)
+    monkeypatch.setattr(Hi._factor, "solve", lambda G: G * np.inf)
+    with pytest.raises(SingularBlockError, match="overflowed"):
+        Hi @ rng.standard_normal(net.n_params)
