@@ -30,6 +30,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # serves MathJax from _static/mathjax, not a CDN
     "sphinx.ext.viewcode",
     "numpydoc",
     "sphinx_gallery.gen_gallery",
@@ -52,7 +53,9 @@ numpydoc_validation_checks: set[str] = set()
 nitpicky = False  # references to NumPy/SciPy/pylops objects in docstrings stay plain text
 
 # -- math ---------------------------------------------------------------------
-# MathJax 3 (sphinx default) renders the :math: roles and math directives.
+# MathJax 3 renders the :math: roles and math directives. sphinx-mathjax-offline
+# (in the "docs" extra) ships MathJax 3.2 and sets ``mathjax_path`` to the copy
+# it writes to ``_build/html/_static/mathjax/``, so the pages need no network.
 
 # -- sphinx-gallery -----------------------------------------------------------
 sphinx_gallery_conf = {
@@ -72,6 +75,8 @@ sphinx_gallery_conf = {
     "matplotlib_animations": False,
     "image_scrapers": ("matplotlib",),
     "write_computation_times": False,  # no sg_execution_times.rst in the source tree
+    # The examples save PNGs only in a headless run outside sphinx-gallery (their
+    # hidden show_figures helper); here the matplotlib scraper captures the figures.
 }
 
 # -- HTML ---------------------------------------------------------------------

@@ -32,6 +32,33 @@ from blockops.network import Dense, MSELoss, Pipeline
 QUICK = os.environ.get("BLOCKOPS_EXAMPLE_QUICK", "0") == "1"
 rng = np.random.default_rng(5)
 
+
+# sphinx_gallery_start_ignore
+def show_figures(name):
+    """``plt.show()`` on a display; in a headless run save the open figures as PNGs.
+
+    Headless means a non-interactive matplotlib backend (``MPLBACKEND=Agg``, or
+    no display, where matplotlib falls back to Agg). The PNGs go to
+    ``$BLOCKOPS_EXAMPLE_OUT``, default ``examples_out/`` in the current
+    directory. The sphinx-gallery build captures the figures itself.
+    """
+    import sys
+    from pathlib import Path
+
+    headless = plt.get_backend().lower() in {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
+    if not headless or "sphinx_gallery" in sys.modules:
+        plt.show()
+        return
+    out = Path(os.environ.get("BLOCKOPS_EXAMPLE_OUT") or "examples_out").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for k, num in enumerate(plt.get_fignums(), start=1):
+        path = out / f"{name}_{k}.png"
+        plt.figure(num).savefig(path, dpi=110)
+        print(f"headless run: figure saved to {path}")
+
+
+# sphinx_gallery_end_ignore
+
 width, depth, B, n_out = 6, (3 if QUICK else 5), 8, 2
 layers = [Dense(3, width, "tanh")] + [Dense(width, width, "tanh") for _ in range(depth - 2)]
 net = Pipeline([*layers, Dense(width, n_out, "identity"), MSELoss()])
@@ -152,8 +179,11 @@ ax[0].set_title("empirical NTK  J Jᵀ")
 ax[0].set_xticks([])
 ax[0].set_yticks([])
 ax[1].bar(np.arange(1, len(per_layer) + 1), per_layer)
+ax[1].set_xticks(np.arange(1, len(per_layer) + 1))
 ax[1].set_xlabel("layer")
 ax[1].set_ylabel("RMS change of activations")
 ax[1].set_title("Newton step, seen layer by layer")
 fig.tight_layout()
-plt.show()
+# sphinx_gallery_start_ignore
+show_figures("plot_composing_parts")  # plt.show(), or PNGs when headless (see the top)
+# sphinx_gallery_end_ignore

@@ -122,7 +122,11 @@ def _act(spec_l):
     name = spec_l["activation"]
     if spec_l.get("functions") is not None:
         return spec_l["functions"][0]
+    if name == "leaky_relu":
+        a = spec_l["activation_params"]["negative_slope"]
+        return lambda t: jnp.where(t > 0, t, a * t)
     return {
+        "relu": lambda t: jnp.where(t > 0, t, 0.0),
         "tanh": _tanh,
         "sigmoid": _sigmoid,
         "softplus": jax.nn.softplus,
@@ -207,6 +211,7 @@ def _layer_key(s) -> tuple:
         s["n_out"],
         s["n_params"],
         s["activation"],
+        tuple(sorted((s.get("activation_params") or {}).items())),
         s["h"],
         None if funcs is None else tuple(funcs),
     )  # the callables themselves: no id reuse

@@ -4,7 +4,7 @@ See :mod:`blockops.network.layer` for the interface and shape conventions,
 and the docs (architecture, "Conventions") for the parameter layouts.
 """
 
-from .activations import ACTIVATIONS, Activation, activation, get_activation
+from .activations import ACTIVATIONS, Activation, activation, get_activation, leaky_relu
 from .auxiliary import AuxiliaryScalarLoss
 from .dense import Dense
 from .elementwise import Bias, Elementwise, Scale
@@ -32,4 +32,5 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "activation",
     "get_activation",
+    "leaky_relu",
 ]

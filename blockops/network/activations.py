@@ -1,4 +1,4 @@
-r"""Smooth elementwise activations ``σ`` with their first two derivatives.
+r"""Elementwise activations ``σ`` with their first two derivatives.
 
 A layer needs ``σ(t)``, ``σ'(t)`` and ``σ''(t)`` at its pre-activation ``t``
 (the diagonal factors of ``∇ f`` and of the b-weighted second derivatives,
@@ -6,7 +6,16 @@ eqs. 12 and 22). :meth:`Activation.derivs` returns all three from one pass,
 sharing the expensive part (one ``tanh`` for tanh, sigmoid and GELU).
 
 Built-in: ``"tanh"``, ``"sigmoid"``, ``"softplus"``, ``"gelu"`` (tanh form,
-``0.5 t (1 + tanh(√(2/π)(t + 0.044715 t³)))``) and ``"identity"``. A
+``0.5 t (1 + tanh(√(2/π)(t + 0.044715 t³)))``), ``"identity"``, ``"relu"``
+and ``"leaky_relu"`` (slope 0.01 below zero; :func:`leaky_relu` for another).
+
+ReLU and leaky ReLU are piecewise linear: ``σ'' = 0`` away from the kink at
+``t = 0``, so they add no curvature of their own and the Hessian is that of a
+piecewise-linear network (exact wherever no pre-activation sits at 0). At
+the kink the one-sided derivative of the left piece is used (``σ'(0) = 0``
+for ReLU, the slope for leaky ReLU), as PyTorch does; ``σ''`` there is taken
+as 0 (the true second derivative is a Dirac mass, which no Hessian of a
+finite-difference or autodiff tool sees either). A
 user-supplied activation is made with :func:`activation`; its callables must
 be array-generic (use ``x.__array_namespace__()`` or
 :func:`blockops.backend.get_array_module` rather than ``numpy`` directly) so
@@ -20,7 +29,7 @@ from collections.abc import Callable
 
 from ._util import array_module as get_array_module
 
-__all__ = ["ACTIVATIONS", "Activation", "activation", "get_activation"]
+__all__ = ["ACTIVATIONS", "Activation", "activation", "get_activation", "leaky_relu"]
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
@@ -39,12 +48,15 @@ class Activation:
         ``(f, df, d2f)`` for a user-supplied activation (kept in the spec so
         that a reference implementation can evaluate it); ``None`` for
         built-ins.
+    params : dict or None
+        Parameters of a built-in family (``{"negative_slope": s}`` for leaky ReLU).
     """
 
-    def __init__(self, name: str, derivs: Callable, functions: tuple | None = None):
+    def __init__(self, name: str, derivs: Callable, functions: tuple | None = None, params=None):
         self.name = name
         self._derivs = derivs
         self.functions = functions
+        self.params = params
 
     def derivs(self, t):
         """``(σ(t), σ'(t), σ''(t))`` with the dtype and backend of ``t``."""
@@ -109,6 +121,24 @@ def _gelu(t):
     return f, d1, d2
 
 
+def _relu(t):
+    xp = get_array_module(t)
+    d1 = (t > 0).astype(t.dtype)
+    return xp.maximum(t, t.dtype.type(0)), d1, xp.zeros_like(t)
+
+
+def leaky_relu(negative_slope: float = 0.01) -> Activation:
+    """``σ(t) = t`` for ``t > 0`` and ``negative_slope · t`` otherwise (``σ'' = 0``)."""
+    a = float(negative_slope)
+
+    def derivs(t):
+        xp = get_array_module(t)
+        d1 = xp.where(t > 0, t.dtype.type(1), t.dtype.type(a))
+        return t * d1, d1, xp.zeros_like(t)
+
+    return Activation("leaky_relu", derivs, params={"negative_slope": a})
+
+
 def _identity(t):
     xp = get_array_module(t)
     return t, xp.ones_like(t), xp.zeros_like(t)
@@ -120,6 +150,8 @@ ACTIVATIONS = {
     "softplus": Activation("softplus", _softplus),
     "gelu": Activation("gelu", _gelu),
     "identity": Activation("identity", _identity),
+    "relu": Activation("relu", _relu),
+    "leaky_relu": leaky_relu(0.01),
 }
 
 

@@ -258,6 +258,7 @@ class Pipeline:
 
         One dict per layer with ``kind`` (class name), ``n_in``, ``n_out``,
         ``n_params``, ``activation`` (name, or ``None`` for losses),
+        ``activation_params`` (e.g. leaky ReLU's slope, else ``None``),
         ``functions`` (the user callables of a custom activation or
         ``CustomLoss``, else ``None``) and ``h`` (residual step, else ``None``).
         """
@@ -274,6 +275,7 @@ class Pipeline:
                     "n_out": ly.n_out,
                     "n_params": ly.n_params,
                     "activation": None if act is None else act.name,
+                    "activation_params": None if act is None else act.params,
                     "functions": funcs,
                     "h": getattr(ly, "h", None),
                 }
