@@ -12,8 +12,10 @@
   (:mod:`blockops.cli.check`).
 
 Exit codes: 0 success, 1 a check failed (or a run failed), 2 usage error
-(bad argument, unavailable backend), 3 a needed optional package or
-blockops component is missing.
+(bad argument, unavailable backend, an output path that cannot be written,
+a size that cannot fit in half of the machine's memory), 3 a needed optional
+package or blockops component is missing (or ``import blockops`` found a
+folder that is not the package).
 """
 
 from __future__ import annotations
@@ -22,212 +24,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .parser import build_parser
+from .preflight import shadowed_package
+
 __all__ = ["EXIT_FAIL", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_MISSING = 0, 1, 2, 3
-
-
-# -- argument types (argparse turns their ValueError into a usage error, exit 2) ----
-def _number(kind: type, ok, what: str):
-    """An argparse type: ``kind(text)`` that must satisfy ``ok``, else a usage error."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
-
-
-positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive finite number")
-
-
-def int_list(text: str) -> list[int]:
-    """``"64,128,256"`` -> ``[64, 128, 256]`` (positive, sorted, unique)."""
-    try:
-        vals = sorted({positive_int(t.strip()) for t in text.split(",") if t.strip()})
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of positive integers, got {text!r}"
-        ) from None
-    if not vals:
-        raise argparse.ArgumentTypeError(f"expected at least one positive integer, got {text!r}")
-    return vals
-
-
-def _common(p: argparse.ArgumentParser, out_default: str | None) -> None:
-    p.add_argument(
-        "--backend",
-        choices=("numpy", "cupy"),
-        default="numpy",
-        help="array backend (cupy needs CuPy and a CUDA GPU; default numpy)",
-    )
-    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
-    p.add_argument("--plain", action="store_true", help="plain-text output (no rich)")
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=1,
-        help="BLAS threads (default 1: fastest for the small per-layer products)",
-    )
-    if out_default is not None:
-        p.add_argument(
-            "--out",
-            default=out_default,
-            help=f"folder for figures and JSON (default {out_default}/)",
-        )
-        p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``blockops`` argument parser with its three subcommands."""
-    from .. import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="python -m blockops",
-        description="Exact Hessians and inverse Hessians of deep pipelines: demo, bench, check.",
-    )
-    parser.add_argument("--version", action="version", version=f"blockops {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,check}")
-
-    d = sub.add_parser(
-        "demo",
-        help="a deep narrow network: HVP, exact H^-1 g, Newton vs Adam",
-        description="Deep, narrow tanh network on a damped-oscillator task: "
-        "gradient, fused HVP, exact damped H^-1 g with certificate and inertia, "
-        "MINRES, CG and GMRES, and exact damped Newton and Gauss-Newton against "
-        "gradient descent and Adam. Defaults (quick defaults in brackets) are shown per option.",
-    )
-    d.add_argument("--depth", type=positive_int, help="dense layers (default 256 [24])")
-    d.add_argument("--width", type=positive_int, help="hidden width (default 16 [8])")
-    d.add_argument("--batch", type=positive_int, help="samples (default 8 [4])")
-    d.add_argument(
-        "--damping",
-        type=positive_float,
-        default=1e-3,
-        help="damping λ of (H + λI)^-1 g, and the floor of the Newton runs' λ (default 1e-3)",
-    )
-    d.add_argument(
-        "--steps", type=nonneg_int, help="exact damped-Newton steps at most (default 8 [6])"
-    )
-    d.add_argument(
-        "--newton-time",
-        type=positive_float,
-        help="stop each Newton run after this many seconds (default 12 [3]); with "
-        "--budget time, gradient descent and Adam get the longer Newton run's time",
-    )
-    d.add_argument(
-        "--newton-damping",
-        type=positive_float,
-        default=1.0,
-        help="initial Levenberg-Marquardt λ of the Newton runs (default 1; it adapts, never "
-        "below --damping). A start at 1e-3 wastes steps: the overparameterised model's "
-        "Newton step is huge where the curvature is tiny",
-    )
-    d.add_argument(
-        "--budget",
-        choices=("time", "steps"),
-        default="time",
-        help="gradient descent and Adam get Newton's wall-clock time (time, default) "
-        "or its number of steps (steps)",
-    )
-    d.add_argument(
-        "--lr-gd",
-        type=positive_float,
-        default=0.01,
-        help="gradient-descent step size (default 0.01)",
-    )
-    d.add_argument(
-        "--lr-adam", type=positive_float, default=1e-3, help="Adam step size (default 1e-3)"
-    )
-    d.add_argument(
-        "--depths",
-        type=int_list,
-        help="depths for the solve-time figure (default depth/8,depth/4,depth/2,depth)",
-    )
-    d.add_argument(
-        "--krylov-tol",
-        type=positive_float,
-        default=1e-8,
-        help="relative tolerance of MINRES and CG (default 1e-8)",
-    )
-    d.add_argument(
-        "--krylov-maxiter",
-        type=positive_int,
-        help="iteration cap of MINRES and CG (default 100)",
-    )
-    d.add_argument(
-        "--init",
-        choices=("orthogonal", "default"),
-        default="orthogonal",
-        help="orthogonal weights and zero biases (default; trainable at depth) or "
-        "the layers' Gaussian fan-in init (samples collapse at depth 256)",
-    )
-    d.add_argument("--quick", action="store_true", help="small sizes (a few seconds; for tests)")
-    _common(d, "demo_out")
-
-    b = sub.add_parser(
-        "bench",
-        help="scaling study: time against depth, width and batch",
-        description="Scaling study: factor, solve, fused HVP, gradient and "
-        "MINRES time against depth for several widths and batches. Cases "
-        "predicted to exceed --case-time-cap are skipped and listed.",
-    )
-    b.add_argument(
-        "--depths", type=int_list, help="default 64,128,256,512,1024,2048,4096 [64,128,256,512]"
-    )
-    b.add_argument("--widths", type=int_list, help="default 8,16,32 [8,16]")
-    b.add_argument("--batches", type=int_list, help="default 1,32 [1,8]")
-    b.add_argument("--damping", type=positive_float, default=1e-3, help="damping λ (1e-3)")
-    b.add_argument(
-        "--minres-tol", type=positive_float, default=1e-8, help="MINRES relative tolerance (1e-8)"
-    )
-    b.add_argument(
-        "--minres-maxiter", type=positive_int, help="MINRES iteration cap (default 2000 [100])"
-    )
-    b.add_argument(
-        "--minres-time-cap",
-        type=positive_float,
-        help="MINRES time budget per case: its iterations are capped at this many seconds "
-        "of HVPs, and it is not run at larger depths once predicted to exceed it "
-        "(default 20 [2])",
-    )
-    b.add_argument(
-        "--case-time-cap",
-        type=positive_float,
-        help="skip a case whose predicted factor time exceeds this many seconds (default 60 [4])",
-    )
-    b.add_argument(
-        "--max-memory-gb",
-        type=positive_float,
-        default=8.0,
-        help="skip a case whose factorisation would need more memory than this (default 8)",
-    )
-    b.add_argument("--repeat", type=positive_int, help="timing repeats, best kept (default 3 [1])")
-    b.add_argument("--quick", action="store_true", help="about a minute on 2 cores")
-    _common(b, "bench_out")
-
-    c = sub.add_parser(
-        "check",
-        help="environment self-test and a dense-Hessian correctness check",
-        description="Environment (backends, BLAS, threads, GPU), then H v, "
-        "gradient and (H + λI)^-1 g of a small network against a dense Hessian "
-        "built by finite differences of a plain NumPy re-implementation.",
-    )
-    c.add_argument("--depth", type=positive_int, default=4, help="dense layers (default 4)")
-    c.add_argument("--width", type=positive_int, default=3, help="hidden width (default 3)")
-    c.add_argument("--batch", type=positive_int, default=3, help="samples (default 3)")
-    c.add_argument("--damping", type=positive_float, default=1e-2, help="damping λ (1e-2)")
-    c.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    _common(c, None)
-    parser.commands = {"demo": d, "bench": b, "check": c}  # for usage errors found after parsing
-    return parser
 
 
 def _usage_error(parser: argparse.ArgumentParser, command: str, message: str) -> int:
@@ -237,35 +39,34 @@ def _usage_error(parser: argparse.ArgumentParser, command: str, message: str) ->
     return EXIT_USAGE
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``python -m blockops`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-
+def _backend_problem(backend: str) -> str | None:
     from ..backend import available_backends
 
-    if args.backend not in available_backends():
-        return _usage_error(
-            parser,
-            args.command,
-            f"--backend {args.backend} needs CuPy and a CUDA GPU, and none was found "
-            f"(available backends: {', '.join(available_backends())})",
-        )
+    if backend in available_backends():
+        return None
+    return (
+        f"--backend {backend} needs CuPy and a CUDA GPU, and none was found "
+        f"(available backends: {', '.join(available_backends())})"
+    )
+
+
+def _command(name: str):
+    """The module of a subcommand: ``preflight(args)`` and ``run(args, reporter)``."""
+    if name == "demo":
+        from . import demo as module
+    elif name == "bench":
+        from . import bench as module
+    else:
+        from . import check as module
+    return module
+
+
+def _run(run, args) -> int:
+    from threadpoolctl import threadpool_limits
 
     from .report import MissingDependency, Reporter
 
     rep = Reporter(plain=args.plain)
-    if args.command == "demo":
-        from .demo import run
-    elif args.command == "bench":
-        from .bench import run
-    else:
-        from .check import run
-    from threadpoolctl import threadpool_limits
-
     try:
         with threadpool_limits(args.threads):
             return run(args, rep)
@@ -275,3 +76,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         rep.error("interrupted")
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m blockops`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    shadowed = shadowed_package()
+    if shadowed:  # nothing below would work, and the ImportError would not say why
+        print(f"error: {shadowed}", file=sys.stderr)
+        return EXIT_MISSING
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help / --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    problem = _backend_problem(args.backend)
+    if problem:
+        return _usage_error(parser, args.command, problem)
+    command = _command(args.command)
+    # a bad --out or a size that cannot fit in memory, before any work: one line, no usage
+    problem = command.preflight(args)
+    if problem:
+        print(f"{parser.commands[args.command].prog}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(command.run, args)

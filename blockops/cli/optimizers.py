@@ -76,20 +76,29 @@ def _check_budget(owner: str, max_steps: int, time_budget: float | None) -> None
         raise ValueError(f"{owner}: time_budget must be > 0 seconds, got {time_budget}")
 
 
-def _first_order(hist: History, objective, x0, max_steps, time_budget, step) -> tuple:
-    """The loop shared by the first-order methods: ``x ← step(k, x, g)``, k = 1, 2, ..."""
+def _start(hist: History, objective, x0, time_budget: float | None) -> tuple:
+    """Start the clock, evaluate a copy of ``x0`` and record it as iterate 0."""
     clock = _Clock(time_budget)
     x = x0.copy()
     pt = objective(x)
+    _record(hist, pt, clock)
+    return clock, x, pt
+
+
+def _record(hist: History, pt, clock: _Clock) -> None:
     hist.loss.append(float(pt.loss))
     hist.time.append(clock.elapsed())
+
+
+def _first_order(hist: History, objective, x0, max_steps, time_budget, step) -> tuple:
+    """The loop shared by the first-order methods: ``x ← step(k, x, g)``, k = 1, 2, ..."""
+    clock, x, pt = _start(hist, objective, x0, time_budget)
     for k in range(1, max_steps + 1):
         if clock.spent() or not math.isfinite(hist.loss[-1]):
             break
         x = step(k, x, pt.gradient)
         pt = objective(x)
-        hist.loss.append(float(pt.loss))
-        hist.time.append(clock.elapsed())
+        _record(hist, pt, clock)
     return x, hist
 
 
@@ -179,42 +188,36 @@ def damped_newton(
     _check_budget("damped_newton", max_steps, time_budget)
     if not damping > 0:
         raise ValueError(f"damped_newton: damping must be > 0, got {damping}")
-    lo, hi = damping_bounds
     lam = float(damping)
     hist = History(
         "exact damped Newton (LM)", notes={"damping": [], "accepted": [], "indefinite": 0}
     )
-    clock = _Clock(time_budget)
-    x = x0.copy()
-    pt = objective(x)
-    hist.loss.append(float(pt.loss))
-    hist.time.append(clock.elapsed())
+    clock, x, pt = _start(hist, objective, x0, time_budget)
     for _ in range(max_steps):
         if clock.spent():
             break
-        d = newton_direction(pt, lam)
-        if isinstance(d, tuple):
-            d = d[0]
-        hist.notes["damping"].append(lam)
-        g = pt.gradient
-        predicted = -1.0 if d is None else 0.5 * (float(g @ d) + lam * float(d @ d))
-        if not predicted > 0:  # H + λI indefinite (the model has no minimum): raise λ
-            hist.notes["accepted"].append(False)
-            hist.notes["indefinite"] += 1
-            lam = min(lam * 10.0, hi)
-            hist.loss.append(hist.loss[-1])
-            hist.time.append(clock.elapsed())
-            continue
-        trial = objective(x - d)
-        actual = float(pt.loss) - float(trial.loss)
-        rho = actual / predicted
-        ok = math.isfinite(float(trial.loss)) and actual > 0
-        hist.notes["accepted"].append(bool(ok))
-        if ok:
-            x, pt = x - d, trial
-            lam = min(max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), lo), hi)
-        else:  # each trial costs a factorisation: raise λ fast (Marquardt's factor 10)
-            lam = min(lam * 10.0, hi)
-        hist.loss.append(float(pt.loss))
-        hist.time.append(clock.elapsed())
+        x, pt, lam = _newton_trial(objective, newton_direction, x, pt, lam, damping_bounds, hist)
+        _record(hist, pt, clock)  # the loss is unchanged after a rejected trial
     return x, hist
+
+
+def _newton_trial(objective, newton_direction, x, pt, lam, bounds, hist) -> tuple:
+    """One trial step of :func:`damped_newton`: the next ``(x, point, λ)``, noted in ``hist``."""
+    lo, hi = bounds
+    d = newton_direction(pt, lam)
+    if isinstance(d, tuple):
+        d = d[0]
+    hist.notes["damping"].append(lam)
+    predicted = -1.0 if d is None else 0.5 * (float(pt.gradient @ d) + lam * float(d @ d))
+    if not predicted > 0:  # H + λI indefinite (the model has no minimum): raise λ
+        hist.notes["accepted"].append(False)
+        hist.notes["indefinite"] += 1
+        return x, pt, min(lam * 10.0, hi)
+    trial = objective(x - d)
+    actual = float(pt.loss) - float(trial.loss)
+    ok = math.isfinite(float(trial.loss)) and actual > 0
+    hist.notes["accepted"].append(bool(ok))
+    if not ok:  # each trial costs a factorisation: raise λ fast (Marquardt's factor 10)
+        return x, pt, min(lam * 10.0, hi)
+    rho = actual / predicted
+    return x - d, trial, min(max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), lo), hi)

@@ -278,6 +278,17 @@ def measure_case(
     A = hessian_operator(pt, damping=damping)
     v = xp.asarray(np.random.default_rng(seed).standard_normal(prob.n_params), dtype=g.dtype)
     rec["hvp"], _ = best_time(lambda: A.matvec(v), repeat, xp)
+    _measure_exact(rec, pt, A, damping, repeat, xp)
+    if minres:
+        if minres_time is not None:
+            minres_maxiter = min(minres_maxiter, max(10, int(minres_time / rec["hvp"])))
+        _measure_minres(rec, A, g, minres_tol, minres_maxiter, xp)
+    return rec
+
+
+def _measure_exact(rec: dict, pt, A, damping: float, repeat: int, xp) -> None:
+    """Factor, solve and residual into ``rec``; a failure is recorded, not raised."""
+    g = pt.gradient
     try:
         rec["factor"], Hinv = best_time(lambda: exact_inverse(pt, damping), repeat, xp)
         rec["solve"], x = best_time(lambda: Hinv.matvec(g), repeat, xp)
@@ -286,15 +297,14 @@ def measure_case(
         raise
     except Exception as exc:  # e.g. a singular block: record it, keep benchmarking
         rec.update(factor=None, solve=None, residual=None, error=f"{type(exc).__name__}: {exc}")
-    if minres:
-        if minres_time is not None:
-            minres_maxiter = min(minres_maxiter, max(10, int(minres_time / rec["hvp"])))
-        rec["minres_maxiter"] = minres_maxiter
-        t0 = time.perf_counter()
-        res = krylov("minres", A, g, tol=minres_tol, maxiter=minres_maxiter)
-        _sync(xp)
-        rec["minres"] = time.perf_counter() - t0
-        rec["minres_iterations"] = int(res.iterations)
-        rec["minres_residual"] = relative_residual(A, res.x, g)
-        rec["minres_converged"] = bool(rec["minres_residual"] <= 10 * minres_tol)
-    return rec
+
+
+def _measure_minres(rec: dict, A, g, tol: float, maxiter: int, xp) -> None:
+    rec["minres_maxiter"] = maxiter
+    t0 = time.perf_counter()
+    res = krylov("minres", A, g, tol=tol, maxiter=maxiter)
+    _sync(xp)
+    rec["minres"] = time.perf_counter() - t0
+    rec["minres_iterations"] = int(res.iterations)
+    rec["minres_residual"] = relative_residual(A, res.x, g)
+    rec["minres_converged"] = bool(rec["minres_residual"] <= 10 * tol)

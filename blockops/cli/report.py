@@ -220,8 +220,8 @@ def environment_info() -> dict:
     import scipy
     from threadpoolctl import threadpool_info
 
-    from .. import __version__
     from ..backend import available_backends
+    from .preflight import package_version
 
     blas = [
         {
@@ -234,7 +234,7 @@ def environment_info() -> dict:
         for i in threadpool_info()
     ]
     return {
-        "blockops": __version__,
+        "blockops": package_version(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": scipy.__version__,

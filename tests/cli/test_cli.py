@@ -2,7 +2,10 @@
 
 Each subcommand runs in-process through ``main([...])`` (and ``check`` once
 through ``subprocess``), writes its JSON and figures where asked, and bad
-arguments give a usage message and exit code 2. The pieces of the CLI that
+arguments give a usage message and exit code 2 (the subcommand's usage for
+the subcommand's arguments). An output path that cannot be written or a size
+that cannot fit in half of the memory is refused in one line, exit code 2,
+before any work. The pieces of the CLI that
 compute something of their own (the data task, the optimisers, the slope fit,
 the plain-NumPy reference of ``check``) are checked against independent
 references: the oscillator ODE, closed-form quadratic minimisers, finite
@@ -14,12 +17,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import blockops
 from blockops.__main__ import main
 from blockops.backend import cupy_available
 from blockops.cli import optimizers
@@ -60,6 +66,23 @@ def test_cupy_backend_without_gpu_is_a_clear_usage_error(capsys):
     assert "usage:" in err and "CUDA GPU" in err
 
 
+@pytest.mark.parametrize("command", ["demo", "bench", "check"])
+def test_unknown_option_shows_the_subcommand_usage(command, capsys):
+    # argparse hands a subparser's leftovers to the top-level parser, which printed the
+    # top-level usage: no word of the options the subcommand does take
+    assert main([command, "--bogus"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"usage: python -m blockops {command} [-h]" in err
+    assert f"python -m blockops {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_unknown_option_before_the_subcommand_shows_the_top_level_usage(capsys):
+    assert main(["--bogus", "demo"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "usage: python -m blockops [-h]" in err
+    assert "python -m blockops: error: unrecognized arguments: --bogus" in err
+
+
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "demo" in capsys.readouterr().out
@@ -85,6 +108,207 @@ def test_check_runs_without_rich(monkeypatch, capsys):
     assert main(["check", "--depth", "2", "--width", "2", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "== blockops check ==" in out and "PASS" in out  # the plain-text layout
+
+
+# -- refused before any work: output paths and memory -------------------------------------------
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every entry into a computation fail the test."""
+    from blockops.cli import bench, check, demo
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("computation started")
+
+    for module, name in [
+        (demo, "make_problem"),
+        (demo, "measure_case"),
+        (bench, "measure_case"),
+        (check, "make_problem"),
+    ]:
+        monkeypatch.setattr(module, name, forbidden)
+
+
+def _machine_with(monkeypatch, gib: int) -> None:
+    """Make ``os.sysconf`` report ``gib`` GiB of physical memory."""
+    real = getattr(os, "sysconf", None)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": gib * 2**30 // 4096}
+
+    def sysconf(name):
+        return pages[name] if name in pages else real(name)
+
+    monkeypatch.setattr(os, "sysconf", sysconf, raising=False)
+
+
+def _refused(argv, capsys) -> str:
+    """Run ``argv``; check exit 2 within a second and one line on stderr; return it."""
+    t0 = time.perf_counter()
+    assert main(argv) == EXIT_USAGE
+    assert time.perf_counter() - t0 < 1.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--quick", "--plain", "--out"],
+        ["bench", "--quick", "--plain", "--out"],
+        ["check", "--plain", "--json"],
+    ],
+)
+def test_output_under_a_file_is_refused_before_any_work(argv, tmp_path, capsys, no_work):
+    # before: the whole run, then NotADirectoryError from os.makedirs at the very end
+    parent = tmp_path / "a_file"
+    parent.write_text("")
+    out = parent / "sub" / ("c.json" if argv[0] == "check" else "out")
+    err = _refused([*argv, str(out)], capsys)
+    assert err.startswith(f"python -m blockops {argv[0]}: error: {argv[-1]} {out}: ")
+    assert f"{parent} is a file, not a folder" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_out_in_proc_is_refused_before_any_work(command, capsys, no_work):
+    err = _refused([command, "--quick", "--out", "/proc/blockops_out"], capsys)
+    assert "--out /proc/blockops_out: cannot create anything in /proc" in err
+
+
+def test_an_existing_output_folder_is_accepted_and_left_clean(tmp_path):
+    from blockops.cli.preflight import out_folder_problem, output_file_problem
+
+    assert out_folder_problem(str(tmp_path)) is None
+    assert out_folder_problem(str(tmp_path / "new" / "deeper")) is None
+    assert output_file_problem(str(tmp_path / "new" / "c.json"), "--json") is None
+    assert "is a folder" in output_file_problem(str(tmp_path), "--json")
+    assert os.listdir(tmp_path) == []  # the probes leave nothing behind
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--depth", "100000000"],
+        ["demo", "--quick", "--depths", "100000000"],
+        ["bench", "--depths", "100000000", "--max-memory-gb", "1e9"],
+        ["check", "--depth", "100000", "--width", "10"],
+    ],
+)
+def test_sizes_beyond_half_the_memory_are_refused_quickly(
+    argv, monkeypatch, tmp_path, capsys, no_work
+):
+    # before: the demo started building a 10^8-layer network (minutes, then out of memory)
+    _machine_with(monkeypatch, 16)
+    out = [] if argv[0] == "check" else ["--out", str(tmp_path / "out")]
+    err = _refused([*argv, *out], capsys)
+    assert "more than half of this machine's 16 GB" in err and "smaller --" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_where_no_case_fits_its_memory_cap_is_refused(monkeypatch, capsys, no_work):
+    # before: every case skipped, an empty table, exit 0
+    _machine_with(monkeypatch, 16)
+    err = _refused(["bench", "--depths", "100000000", "--widths", "8", "--batches", "1"], capsys)
+    assert "no case fits in --max-memory-gb 8" in err and "width 8, batch 1" in err
+
+
+def test_default_sizes_pass_the_memory_guard_of_a_small_machine(monkeypatch):
+    from blockops.cli import bench, build_parser, check, demo
+
+    _machine_with(monkeypatch, 4)
+    parse = build_parser().parse_args
+    for module, argv in [
+        (demo, ["demo"]),
+        (demo, ["demo", "--quick"]),
+        (bench, ["bench"]),
+        (bench, ["bench", "--quick"]),
+        (check, ["check"]),
+    ]:
+        assert module.preflight(parse(argv)) is None, argv
+    # the bench's default cap follows the machine: the cases above it are skipped
+    assert bench.memory_cap_gb(parse(["bench"])) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("width", "batch"), [(8, 1), (8, 4), (4, 64)])
+def test_memory_estimate_bounds_a_measured_case(width, batch):
+    # the estimate must not fall below what one bench case really allocates, nor be
+    # so loose that it refuses sizes that fit
+    import tracemalloc
+
+    from blockops.cli.preflight import case_memory
+    from blockops.cli.problem import measure_case
+
+    measure_case(2, 2, 2, minres=False)  # imports and caches outside the measurement
+    depth = 24
+    tracemalloc.start()
+    try:
+        measure_case(depth, width, batch, minres=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.95 * peak <= case_memory(depth, width, batch) <= 3.0 * peak
+
+
+def test_a_blockops_folder_that_is_not_the_package_is_named():
+    import types
+
+    from blockops.cli.preflight import package_version, shadowed_package
+
+    assert shadowed_package() is None  # the real package, imported by this test
+    fake = types.ModuleType("blockops")
+    fake.__path__ = ["/somewhere/blockops"]  # a namespace package: no __file__
+    message = shadowed_package(fake)
+    assert "/somewhere/blockops" in message and "another folder" in message
+    assert package_version() == blockops.__version__
+
+
+def test_version_without_the_package_attribute(monkeypatch):
+    import importlib.metadata
+    import types
+
+    from blockops.cli.preflight import package_version
+
+    monkeypatch.setitem(sys.modules, "blockops", types.ModuleType("blockops"))
+    try:
+        want = importlib.metadata.version("blockops")
+    except importlib.metadata.PackageNotFoundError:
+        want = "unknown"
+    assert package_version() == want
+
+
+def test_run_from_a_folder_holding_a_blockops_folder(tmp_path):
+    # a folder named blockops in the working directory (a clone's parent, say) becomes
+    # a namespace package; before: "ImportError: cannot import name '__version__'"
+    (tmp_path / "blockops").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockops", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 0:  # an install that Python finds before the folder
+        assert proc.stdout.startswith("blockops ")
+    else:
+        assert proc.returncode == 3
+        assert str(tmp_path / "blockops") in proc.stderr and "another folder" in proc.stderr
+
+
+def test_cli_functions_are_short():
+    # a function that does not fit on a screen hides its sections: split it instead
+    import ast
+
+    import blockops.cli
+
+    folder = pathlib.Path(blockops.cli.__file__).parent
+    long = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
 
 
 # -- the subcommands ---------------------------------------------------------------------------
