@@ -123,7 +123,7 @@ def _act(spec_l):
     if spec_l.get("functions") is not None:
         return spec_l["functions"][0]
     if name == "leaky_relu":
-        a = spec_l["activation_params"]["negative_slope"]
+        a = (spec_l.get("activation_params") or {}).get("negative_slope", 0.01)
         return lambda t: jnp.where(t > 0, t, a * t)
     return {
         "relu": lambda t: jnp.where(t > 0, t, 0.0),
