@@ -24,6 +24,7 @@ The network is deep and narrow: six tanh layers of width 6.
 """
 
 import os
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,28 +39,8 @@ rng = np.random.default_rng(7)
 
 
 # sphinx_gallery_start_ignore
-def show_figures(name):
-    """``plt.show()`` on a display; in a headless run save the open figures as PNGs.
-
-    Headless means a non-interactive matplotlib backend (``MPLBACKEND=Agg``, or
-    no display, where matplotlib falls back to Agg). The PNGs go to
-    ``$BLOCKOPS_EXAMPLE_OUT``, default ``examples_out/`` in the current
-    directory. The sphinx-gallery build captures the figures itself.
-    """
-    import sys
-    from pathlib import Path
-
-    headless = plt.get_backend().lower() in {"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"}
-    if not headless or "sphinx_gallery" in sys.modules:
-        plt.show()
-        return
-    out = Path(os.environ.get("BLOCKOPS_EXAMPLE_OUT") or "examples_out").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for k, num in enumerate(plt.get_fignums(), start=1):
-        path = out / f"{name}_{k}.png"
-        plt.figure(num).savefig(path, dpi=110)
-        print(f"headless run: figure saved to {path}")
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared _gallery helper
+from _gallery import show_figures
 
 # sphinx_gallery_end_ignore
 

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("plot_*.py"))
 
 
-def _run(path: Path, monkeypatch) -> dict:
+def _run(path: Path, monkeypatch, out: Path) -> dict:
     monkeypatch.setenv("BLOCKOPS_EXAMPLE_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("BLOCKOPS_EXAMPLE_OUT", str(out))  # headless: figures saved there
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*", category=UserWarning)
@@ -40,9 +41,10 @@ def test_examples_found():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_runs(path, monkeypatch):
-    g = _run(path, monkeypatch)
+def test_example_runs(path, monkeypatch, tmp_path):
+    g = _run(path, monkeypatch, tmp_path)
     assert g["QUICK"] is True  # the example honoured the reduced-size switch
+    assert sorted(tmp_path.glob(f"{path.stem}_*.png"))  # a headless run saves its figures
     check = CHECKS.get(path.stem)
     if check is not None:
         check(g)
@@ -97,6 +99,6 @@ CHECKS = {
 }
 
 
-def test_quickstart(monkeypatch):
-    g = _run(ROOT / "docs" / "quickstart.py", monkeypatch)
+def test_quickstart(monkeypatch, tmp_path):
+    g = _run(ROOT / "docs" / "quickstart.py", monkeypatch, tmp_path)
     assert g["residual"] < 1e-10
