@@ -172,13 +172,14 @@ def layer_fn(spec_l, z_prev, x_l, y=None):
         return _act(spec_l)(x_l * z_prev)
     if k == "Elementwise":
         return _act(spec_l)(z_prev)
+    scale = spec_l.get("scale") or 1.0  # a loss's factor on every sample's share
     if k == "MSELoss":
         yy = jnp.asarray(y).reshape(z_prev.shape)
-        return (0.5 * jnp.sum((z_prev - yy) ** 2, axis=1) / B)[:, None]
+        return (scale * 0.5 * jnp.sum((z_prev - yy) ** 2, axis=1) / B)[:, None]
     if k == "SoftmaxCrossEntropy":
         yy = jnp.asarray(y)
         lse = jax.scipy.special.logsumexp(z_prev, axis=1)
-        return ((lse - z_prev[jnp.arange(B), yy]) / B)[:, None]
+        return (scale * (lse - z_prev[jnp.arange(B), yy]) / B)[:, None]
     if k == "CustomLoss":
         return (spec_l["functions"][0](z_prev, y) / B)[:, None]
     raise ValueError(f"reference: unknown layer kind {k!r}")
@@ -213,6 +214,7 @@ def _layer_key(s) -> tuple:
         s["activation"],
         tuple(sorted((s.get("activation_params") or {}).items())),
         s["h"],
+        s.get("scale"),
         None if funcs is None else tuple(funcs),
     )  # the callables themselves: no id reuse
 

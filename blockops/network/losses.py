@@ -10,13 +10,24 @@ b-weighted ``K_zz[s] = b_s ∇²ℓ(z_s) / B``.
 The input size ``n_in`` is taken from the previous layer when the loss is put
 in a :class:`~blockops.network.Pipeline` (or given explicitly).
 
+``scale`` (default 1) multiplies every sample's share: row ``s`` is
+``scale · ℓ(z_s, y_s) / B``, and so the loss, the gradient, every derivative
+and every Hessian block. It maps other conventions exactly: PyTorch's
+``nn.MSELoss(reduction="mean")``, the mean of ``(z − y)²`` over all ``B n``
+entries, is ``MSELoss(scale=2 / n)``; ``reduction="sum"`` is
+``MSELoss(scale=2 B)`` and ``nn.CrossEntropyLoss(reduction="sum")`` is
+``SoftmaxCrossEntropy(scale=B)`` (a ``B``-dependent scale fixes the batch
+size the loss is meant for). All derivatives go through
+``Cache.extra["inv_B"] = scale / B``.
+
 Subclasses implement ``_value`` (per-sample ``ℓ``), ``_grad`` (``∇ℓ``),
 ``_hv`` (``∇²ℓ v`` for ``v`` of shape ``(k, B, n)``) and optionally
-``_hess`` (explicit ``(B, n, n)``), all before the ``1/B`` factor.
+``_hess`` (explicit ``(B, n, n)``), all before the ``scale/B`` factor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from ._util import array_module as get_array_module
@@ -26,22 +37,46 @@ from .layer import Cache, Layer
 __all__ = ["CustomLoss", "Loss", "MSELoss", "SoftmaxCrossEntropy"]
 
 
-class Loss(Layer):
-    """Base class of the scalar last layer (mean over the batch of ``ℓ(z_s, y_s)``).
+def _check_scale(name: str, scale) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name}: scale must be a real number, got {type(scale).__name__}"
+        ) from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name}: scale must be finite and > 0, got {scale!r}")
+    return value
 
-    Forward: ``dz_L[s] = ∇ℓ(z_s) dz_s / B``; adjoint: ``b ∇_z f = b_s ∇ℓ(z_s) / B``.
+
+class Loss(Layer):
+    """Base class of the scalar last layer (mean over the batch of ``scale · ℓ(z_s, y_s)``).
+
+    Forward: ``dz_L[s] = scale ∇ℓ(z_s) dz_s / B``; adjoint:
+    ``b ∇_z f = scale b_s ∇ℓ(z_s) / B``.
+
+    Parameters
+    ----------
+    n_in : int, optional
+        Input size (default: taken from the previous layer in a Pipeline).
+    scale : float
+        Factor ``> 0`` on every sample's share (default 1; see the module
+        docstring for PyTorch's reductions).
     """
 
     is_loss = True
     n_params = 0
     n_out = 1
+    scale = 1.0
 
-    def __init__(self, n_in: int | None = None):
+    def __init__(self, n_in: int | None = None, scale: float = 1.0):
         self.n_in = None if n_in is None else int(n_in)
         self.name = type(self).__name__
+        self.scale = _check_scale(self.name, scale)
 
     def describe(self) -> str:
-        return f"{type(self).__name__} {self.n_in}->1"
+        tail = "" if self.scale == 1.0 else f", scale {self.scale:.6g}"
+        return f"{type(self).__name__} {self.n_in}->1{tail}"
 
     def bind(self, n_in: int) -> None:
         """Set the input size (called by the pipeline); a fixed size must match."""
@@ -78,7 +113,7 @@ class Loss(Layer):
             raise ValueError(f"{self.name}: targets are required")
         B = z_prev.shape[0]
         extra = self._prepare(z_prev, targets)
-        extra["inv_B"] = 1.0 / B
+        extra["inv_B"] = self.scale / B  # every derivative below goes through this factor
         extra["g"] = self._grad(z_prev, extra) * extra["inv_B"]  # ∇_z f rows, (B, n)
         z = (self._value(z_prev, extra) * extra["inv_B"])[:, None]
         return Cache(z_prev, x, z, extra)
@@ -144,10 +179,11 @@ class Loss(Layer):
 
 
 class MSELoss(Loss):
-    r"""Mean squared error ``(1/B) Σ_s ½ ||z_s − y_s||²``.
+    r"""Mean squared error ``(scale/B) Σ_s ½ ||z_s − y_s||²`` (``scale = 1`` by default).
 
     ``targets``: real array ``(B, n)`` (or ``(B,)`` when ``n = 1``).
-    ``∇ℓ = z − y``, ``∇²ℓ = I``. ``Cache.extra``: ``y``, ``r = z − y``, ``g = r / B``.
+    ``∇ℓ = z − y``, ``∇²ℓ = I``. ``Cache.extra``: ``y``, ``r = z − y``,
+    ``g = scale r / B``.
     """
 
     def _prepare(self, z_prev, targets):
@@ -181,7 +217,7 @@ class MSELoss(Loss):
 
 
 class SoftmaxCrossEntropy(Loss):
-    r"""Softmax cross-entropy with integer labels: ``(1/B) Σ_s (logsumexp(z_s) − z_{s,y_s})``.
+    r"""Softmax cross-entropy, integer labels: ``(scale/B) Σ_s (logsumexp(z_s) − z_{s,y_s})``.
 
     ``targets``: integer array ``(B,)`` with values in ``[0, n)``.
     ``∇ℓ = p − e_y``, ``∇²ℓ = diag(p) − p pᵀ`` (``p = softmax(z)``).

@@ -259,6 +259,7 @@ class Pipeline:
         One dict per layer with ``kind`` (class name), ``n_in``, ``n_out``,
         ``n_params``, ``activation`` (name, or ``None`` for losses),
         ``activation_params`` (e.g. leaky ReLU's slope, else ``None``),
+        ``scale`` (a loss's factor on every sample's share, else ``None``),
         ``functions`` (the user callables of a custom activation or
         ``CustomLoss``, else ``None``) and ``h`` (residual step, else ``None``).
         """
@@ -278,6 +279,7 @@ class Pipeline:
                     "activation_params": None if act is None else act.params,
                     "functions": funcs,
                     "h": getattr(ly, "h", None),
+                    "scale": getattr(ly, "scale", None) if ly.is_loss else None,
                 }
             )
         return out

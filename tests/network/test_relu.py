@@ -54,3 +54,23 @@ def test_relu_has_no_curvature_of_its_own():
     assert np.linalg.norm(Hv - Gv) > 0
     w = pt.caches[0].extra["d2"]
     assert not np.any(w)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_loss_scale_matches_jax(loss):
+    """``scale`` multiplies every sample's share (how torch's reductions map on)."""
+    from blockops.network import SoftmaxCrossEntropy
+
+    rng = np.random.default_rng(3)
+    last = MSELoss(scale=0.25) if loss == "mse" else SoftmaxCrossEntropy(scale=5.0)
+    net = Pipeline([Dense(3, 4), Dense(4, 3, "identity"), last])
+    X = rng.standard_normal((5, 3))
+    y = rng.standard_normal((5, 3)) if loss == "mse" else rng.integers(0, 3, 5)
+    x = net.init(seed=3)
+    pt = net.linearize(x, X, y)
+    spec = net.spec()
+    np.testing.assert_allclose(pt.loss, ref.loss_value(spec, x, X, y), rtol=1e-13)
+    np.testing.assert_allclose(pt.gradient, ref.gradient(spec, x, X, y), rtol=1e-12, atol=1e-15)
+    Hj = ref.dense_hessian(spec, x, X, y)
+    Hb = hessian(pt) @ np.eye(net.n_params)
+    assert np.linalg.norm(Hb - Hj) <= 1e-12 * np.linalg.norm(Hj)
