@@ -6,6 +6,7 @@
 * :mod:`blockops.interop.jax` (extra ``jax``): ``FunctionLayer`` for a
   per-sample JAX function and ``from_jax`` for a chain of them.
 
-Each submodule imports its framework when imported itself; importing
-:mod:`blockops` or this package never does.
+Each submodule imports its framework when imported itself; no other
+blockops module imports torch or jax (pylops itself imports both at start-up
+when they are installed, which blockops does not change).
 """
