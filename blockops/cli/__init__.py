@@ -2,9 +2,10 @@
 
 * ``demo``: a deep, narrow tanh network on a generated regression task;
   gradient, fused HVP, the exact damped ``H⁻¹g`` with its certificate and
-  inertia, the same solve by MINRES, CG and GMRES, and exact damped Newton and
-  Gauss-Newton against gradient descent and Adam, as tables and PNG figures
-  (:mod:`blockops.cli.demo`).
+  inertia, the same solve by MINRES, CG and GMRES with valid preconditioners,
+  and inertia-controlled Newton, exact damped Newton and Gauss-Newton against
+  gradient descent and Adam at equal wall-clock time, as tables and PNG
+  figures (:mod:`blockops.cli.demo`).
 * ``bench``: the scaling study in depth, width and batch
   (:mod:`blockops.cli.bench`), with a table, a JSON file and a log-log figure.
 * ``check``: environment self-test and a correctness check against a dense

@@ -2,15 +2,18 @@
 
 1. Loss and gradient (one forward + backward pass) and one fused ``H v``.
 2. The exact damped ``(H + λI)⁻¹ g`` with its residual certificate and inertia.
-3. The same system by MINRES (the exact, indefinite ``H + λI``), plain and
-   preconditioned by the exact ``(G + λI)⁻¹`` (MINRES needs a positive
-   definite preconditioner), by GMRES preconditioned by the exact
-   ``(H + λI)⁻¹``, and by CG on the damped Gauss-Newton matrix ``G + λI``
-   (CG needs a positive definite operator; ``H`` of a deep tanh net is
-   indefinite), each with its true residual computed here.
-4. Exact damped Newton and exact Gauss-Newton (Levenberg-Marquardt damping)
-   against gradient descent and Adam from the same start, with the same
-   wall-clock time (``--budget time``, default) or the same number of steps.
+3. The same system by Krylov solvers, each with a valid preconditioner and its
+   true residual computed here: MINRES on the indefinite ``H + λI``, plain and
+   preconditioned by the exact ``(H + μI)⁻¹`` with ``μ`` raised until the
+   inertia says ``H + μI`` is positive definite (MINRES needs a positive
+   definite preconditioner); GMRES preconditioned by the exact ``(H + λI)⁻¹``;
+   CG on the damped Gauss-Newton matrix ``G + λI`` (CG needs a positive
+   definite operator), plain and preconditioned by its exact inverse.
+4. Inertia-controlled Newton (the shift ``λ`` raised until the factorisation's
+   inertia certifies ``H + λI ≻ 0``), exact damped Newton and exact
+   Gauss-Newton (Levenberg-Marquardt damping) against gradient descent and
+   Adam from the same start, with the same wall-clock time (``--budget time``,
+   default; losses compared at the same instant) or the same number of steps.
 5. Exact factor + solve time against depth.
 
 Tables go to the console; ``demo.json``, ``loss_curves.png`` and
@@ -71,6 +74,8 @@ DEPTH_KEYS = [
 def _settings(args) -> dict:
     base = QUICK if args.quick else FULL
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    if args.steps is None and args.budget == "time":
+        s["steps"] = None  # the Newton runs stop on --newton-time alone
     depth = s["depth"]
     s["depths"] = args.depths or sorted(
         {max(2, depth // 8), max(2, depth // 4), max(2, depth // 2), depth}
@@ -327,6 +332,7 @@ def _write_outputs(args, prob, result: dict, histories, records) -> list[str]:
             histories,
             os.path.join(args.out, "loss_curves.png"),
             f"{prob.describe()}; budget: same {args.budget}",
+            t_equal=(result["optimizers"] or [{}])[0].get("equal_time"),
         )
     )
     written.append(

@@ -111,21 +111,26 @@ def _add_demo_sizes(d: argparse.ArgumentParser) -> None:
 
 def _add_demo_optimisers(d: argparse.ArgumentParser) -> None:
     d.add_argument(
-        "--steps", type=nonneg_int, help="exact damped-Newton steps at most (default 8 [6])"
+        "--steps",
+        type=nonneg_int,
+        help="Newton steps at most (default: none with --budget time, where --newton-time "
+        "stops them; 8 [6] with --budget steps)",
     )
     d.add_argument(
         "--newton-time",
         type=positive_float,
         help="stop each Newton run after this many seconds (default 12 [3]); with "
-        "--budget time, gradient descent and Adam get the longer Newton run's time",
+        "--budget time, gradient descent and Adam get the longest Newton run's time and "
+        "the table compares every loss at the same instant",
     )
     d.add_argument(
         "--newton-damping",
         type=positive_float,
         default=1.0,
-        help="initial Levenberg-Marquardt λ of the Newton runs (default 1; it adapts, never "
-        "below --damping). A start at 1e-3 wastes steps: the overparameterised model's "
-        "Newton step is huge where the curvature is tiny",
+        help="initial λ of the Newton runs (default 1; it adapts, never below --damping; the "
+        "inertia-controlled run raises it until H + λI is positive definite). A start at 1e-3 "
+        "wastes steps: the overparameterised model's Newton step is huge where the curvature "
+        "is tiny",
     )
     d.add_argument(
         "--budget",
@@ -174,11 +179,12 @@ def _add_demo_solvers(d: argparse.ArgumentParser) -> None:
 def _add_demo(sub) -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
-        help="a deep narrow network: HVP, exact H^-1 g, Newton vs Adam",
+        help="a deep narrow network: HVP, exact H^-1 g, Krylov, Newton vs Adam",
         description="Deep, narrow tanh network on a damped-oscillator task: "
         "gradient, fused HVP, exact damped H^-1 g with certificate and inertia, "
-        "MINRES, CG and GMRES, and exact damped Newton and Gauss-Newton against "
-        "gradient descent and Adam. Defaults (quick defaults in brackets) are shown per option.",
+        "MINRES, CG and GMRES with valid preconditioners, and inertia-controlled Newton, "
+        "exact damped Newton and Gauss-Newton against gradient descent and Adam at equal "
+        "wall-clock time. Defaults (quick defaults in brackets) are shown per option.",
     )
     _add_demo_sizes(d)
     _add_demo_optimisers(d)

@@ -225,7 +225,7 @@ def krylov(method: str, A, b, tol: float, maxiter: int, **kw):
 
 
 def positive_preconditioner(point, damping: float):
-    """Exact ``(G + λI)⁻¹`` (damped Gauss-Newton), the PD preconditioner MINRES accepts."""
+    """Exact ``(G + λI)⁻¹`` of the damped Gauss-Newton matrix (positive definite for ``λ > 0``)."""
     mod = _component("blockops.solvers", "the Krylov solvers")
     return mod.positive_preconditioner(point, damping)
 

@@ -29,9 +29,12 @@ __all__ = [
     "fit_slope",
     "fmt_float",
     "fmt_time",
+    "loss_figure",
+    "panel_grid",
     "plot_loss_curves",
     "plot_scaling",
     "require_matplotlib",
+    "scaling_figure",
     "write_json",
 ]
 
@@ -286,30 +289,119 @@ def fit_slope(depths: Sequence[float], times: Sequence[float]) -> float | None:
 
 
 def _save(fig, title: str, path: str) -> str:
-    """Title, lay out, write (creating the folder) and close a figure; return its path."""
+    """Title, lay out, write (creating the folder) and close a figure; return its path.
+
+    Legends placed outside the axes (``bbox_to_anchor``) are kept inside the
+    image: the layout and the tight bounding box both account for them.
+    """
     plt = require_matplotlib()
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_loss_curves(histories: Sequence, path: str, title: str) -> str:
-    """Two panels: loss against iteration and against wall-clock time (log loss axis)."""
+def loss_figure(histories: Sequence, t_equal: float | None = None):
+    """Two panels, loss against iteration and against wall-clock time (log loss axis).
+
+    One legend for both, below the panels (it covers no data); ``t_equal``
+    (the instant at which the table compares the losses) is marked on the
+    time panel.
+    """
     plt = require_matplotlib()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for h in histories:
-        ax1.semilogy(range(len(h.loss)), h.loss, marker="." if h.steps < 60 else None, label=h.name)
-        ax2.semilogy(h.time, h.loss, marker="." if h.steps < 60 else None, label=h.name)
-    ax1.set_xlabel("iteration")
+        mark = "." if h.steps < 60 else None
+        ax1.semilogy(range(len(h.loss)), h.loss, marker=mark, label=h.name)
+        ax2.semilogy(h.time, h.loss, marker=mark)
+    handles, labels = ax1.get_legend_handles_labels()
+    if t_equal is not None:
+        handles.append(ax2.axvline(t_equal, color="0.4", linestyle=":", linewidth=1))
+        labels.append(f"equal time ({t_equal:.3g} s)")
+    ax1.set_xscale("symlog", linthresh=10.0)  # tens of Newton steps next to 1000s of GD steps
+    ax1.set_xlabel("iteration (linear to 10, logarithmic beyond)")
     ax2.set_xlabel("wall-clock time [s]")
     for ax in (ax1, ax2):
         ax.set_ylabel("training loss")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    return _save(fig, title, path)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(labels), 3),
+        frameon=False,
+    )
+    return fig
+
+
+def plot_loss_curves(
+    histories: Sequence, path: str, title: str, t_equal: float | None = None
+) -> str:
+    """:func:`loss_figure`, titled and written to ``path``."""
+    return _save(loss_figure(histories, t_equal), title, path)
+
+
+def panel_grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    """``(rows, cols)`` for ``n`` panels: fewest empty cells, then the squarest."""
+    if n < 1:
+        raise ValueError(f"panel_grid: need at least one panel, got {n}")
+    shapes = [(math.ceil(n / c), c) for c in range(1, min(n, max_cols) + 1)]
+    return min(shapes, key=lambda rc: (rc[0] * rc[1] - n, abs(rc[0] - rc[1]), -rc[1]))
+
+
+def scaling_figure(
+    records: Sequence[dict],
+    quantities: Sequence[tuple[str, str]],
+    panel_keys: Sequence[str] = ("batch", "width"),
+    reference: str | None = "factor",
+):
+    """Log-log time against depth, one panel per ``panel_keys`` value that has data.
+
+    Only the panels drawn are created (:func:`panel_grid`); each panel's
+    legend (fitted slopes) sits outside it, to its right. ``reference``: the
+    quantity through whose points (geometric mean) a dashed slope-1 line is
+    drawn, the time a method linear in depth would take.
+    """
+    plt = require_matplotlib()
+    panels = sorted({tuple(r[k] for k in panel_keys) for r in records})
+    nrow, ncol = panel_grid(len(panels))
+    fig = plt.figure(figsize=(6.6 * ncol, 3.6 * nrow))
+    for i, pk in enumerate(panels):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        rows = sorted(
+            (r for r in records if tuple(r[k] for k in panel_keys) == pk), key=lambda r: r["depth"]
+        )
+        _scaling_panel(ax, rows, quantities, reference)
+        ax.set_title(", ".join(f"{k} {v}" for k, v in zip(panel_keys, pk)))
+    return fig
+
+
+def _scaling_panel(ax, rows: Sequence[dict], quantities, reference: str | None) -> None:
+    ref = None
+    for key, label in quantities:
+        pts = [(r["depth"], r.get(key)) for r in rows if r.get(key)]
+        if not pts:
+            continue
+        d, t = zip(*pts)
+        s = fit_slope(d, t)
+        ax.loglog(d, t, marker="o", label=f"{label} (slope {s:.2f})" if s is not None else label)
+        if key == reference and len(pts) >= 2:
+            ref = (label, np.array(d, dtype=float), np.array(t, dtype=float))
+    if ref is not None:  # slope 1 through the geometric mean of the reference's points
+        label, d, t = ref
+        c = math.exp(float(np.mean(np.log(t) - np.log(d))))
+        ends = np.array([d.min(), d.max()])
+        ax.loglog(ends, c * ends, "--", color="0.35", lw=1, label=f"slope 1 (fit to {label})")
+    depths = sorted({r["depth"] for r in rows})
+    ax.set_xticks(depths, [str(d) for d in depths], minor=False)
+    ax.set_xticks([], minor=True)  # log axes add unlabeled-looking minor labels otherwise
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("time [s]")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def plot_scaling(
@@ -319,36 +411,9 @@ def plot_scaling(
     title: str,
     panel_keys: Sequence[str] = ("batch", "width"),
 ) -> str:
-    """Log-log time against depth, one panel per ``panel_keys`` value, fitted slopes in legends.
+    """:func:`scaling_figure`, titled and written to ``path``.
 
     ``records`` are flat dicts with ``depth``, the panel keys and a time (or
     ``None``) under each key of ``quantities`` (``(key, label)`` pairs).
     """
-    plt = require_matplotlib()
-    panels = sorted({tuple(r[k] for k in panel_keys) for r in records})
-    ncol = min(3, len(panels))
-    nrow = math.ceil(len(panels) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.8 * nrow), squeeze=False)
-    for ax, pk in zip(axes.ravel(), panels):
-        rows = sorted(
-            (r for r in records if tuple(r[k] for k in panel_keys) == pk), key=lambda r: r["depth"]
-        )
-        for key, label in quantities:
-            pts = [(r["depth"], r.get(key)) for r in rows if r.get(key)]
-            if not pts:
-                continue
-            d, t = zip(*pts)
-            s = fit_slope(d, t)
-            lab = f"{label} (slope {s:.2f})" if s is not None else label
-            ax.loglog(d, t, marker="o", label=lab)
-        depths = sorted({r["depth"] for r in rows})
-        ax.set_xticks(depths, [str(d) for d in depths], minor=False)
-        ax.set_xticks([], minor=True)  # log axes add unlabeled-looking minor labels otherwise
-        ax.set_title(", ".join(f"{k} {v}" for k, v in zip(panel_keys, pk)))
-        ax.set_xlabel("depth (layers)")
-        ax.set_ylabel("time [s]")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in axes.ravel()[len(panels) :]:
-        ax.set_visible(False)
-    return _save(fig, title, path)
+    return _save(scaling_figure(records, quantities, panel_keys), title, path)

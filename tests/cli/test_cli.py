@@ -9,7 +9,10 @@ before any work. The pieces of the CLI that
 compute something of their own (the data task, the optimisers, the slope fit,
 the plain-NumPy reference of ``check``) are checked against independent
 references: the oscillator ODE, closed-form quadratic minimisers, finite
-differences.
+differences, dense eigenvalue counts (the inertia that controls the shift of
+the inertia-controlled Newton method, the positive definiteness of every
+preconditioner MINRES and CG are given). Figures are checked for one axes
+per panel drawn and for legends that cover no axes.
 """
 
 from __future__ import annotations
@@ -355,8 +358,23 @@ def test_check_fails_with_exit_1_when_a_check_fails(monkeypatch, tmp_path, capsy
     assert not result["H v (literal) vs finite-difference Hessian"]
 
 
-def test_demo_quick_writes_json_and_figures(tmp_path, capsys):
+def _count_axes(monkeypatch) -> dict:
+    """Record the number of axes of every figure the CLI saves, by file name."""
+    from blockops.cli import report
+
+    real, axes = report._save, {}
+
+    def save(fig, title, path):
+        axes[os.path.basename(path)] = len(fig.axes)
+        return real(fig, title, path)
+
+    monkeypatch.setattr(report, "_save", save)
+    return axes
+
+
+def test_demo_quick_writes_json_and_figures(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
+    axes = _count_axes(monkeypatch)
     out = tmp_path / "demo"
     argv = [
         "demo",
@@ -373,25 +391,42 @@ def test_demo_quick_writes_json_and_figures(tmp_path, capsys):
     ]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "MINRES" in text and "Adam" in text
+    assert "MINRES" in text and "Adam" in text and "inertia-controlled Newton" in text
     for name in ("demo.json", "loss_curves.png", "time_vs_depth.png"):
         assert (out / name).stat().st_size > 0
     with open(out / "loss_curves.png", "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # two panels for the loss curves, one (a single width and batch) against depth
+    assert axes == {"loss_curves.png": 2, "time_vs_depth.png": 1}
     doc = json.loads((out / "demo.json").read_text())
     assert doc["point"]["residual"] < 1e-10
     kry = doc["krylov"]
+    assert "MINRES + exact (G+λI)^-1" not in kry  # the useless row is gone
     assert kry["GMRES + exact (H+λI)^-1"]["residual"] < 1e-10  # exact preconditioner
     assert kry["GMRES + exact (H+λI)^-1"]["iterations"] <= 2
     assert kry["CG"]["residual"] < 1e-6  # the damped Gauss-Newton system is PD
+    assert kry["CG + exact (G+λI)^-1"]["iterations"] == 1
     assert 1 <= kry["MINRES"]["iterations"] <= 100
+    assert kry["MINRES + (H+μI)^-1"]["iterations"] >= 1
+    assert kry["shift_search"]["tried"][-1][1][:2] == [0, 0]  # μ: H + μI positive definite
     opt = doc["optimizers"]
     names = [o["name"] for o in opt]
-    assert names[0] == "exact damped Newton (LM)" and names[-2:] == ["gradient descent", "Adam"]
-    assert set(names[1:-2]) <= {"exact Gauss-Newton (LM)"}  # when the build has kind="ggn"
+    assert names[:2] == ["inertia-controlled Newton", "exact damped Newton (LM)"]
+    assert names[-2:] == ["gradient descent", "Adam"]
+    assert set(names[2:-2]) <= {"exact Gauss-Newton (LM)"}  # when the build has kind="ggn"
     assert len({o["loss"][0] for o in opt}) == 1  # same start
-    newton = opt[0]
-    assert newton["steps"] == 3 and newton["loss"][-1] <= newton["loss"][0]
+    for newton in opt[:2]:
+        assert newton["steps"] == 3 and newton["loss"][-1] <= newton["loss"][0]
+    inertia = opt[0]
+    assert all(t[-1][1][:2] == [0, 0] for t in inertia["tried"])
+    assert all(b <= a for a, b in itertools.pairwise(inertia["loss"]))
+    # equal wall time: every loss read at the end of the shortest run
+    t_eq = min(o["time"][-1] for o in opt)
+    assert all(o["equal_time"] == pytest.approx(t_eq) for o in opt)
+    # equal work: the exact methods read after the fewest factorisations any of them made
+    n_eq = min(o["equal_factorizations"] for o in opt[:-2])
+    assert n_eq == min(sum(o.get("factorizations", [1] * o["steps"])) for o in opt[:-2])
+    assert "equal_factorizations" not in opt[-1]  # Adam factors nothing
     # the main network (quick depth 24) is always one of the points
     assert [r["depth"] for r in doc["depth_scaling"]["records"]] == [4, 8, 12, 24]
 
@@ -422,8 +457,9 @@ def test_demo_same_step_budget_without_figures(tmp_path):
     assert {o["steps"] for o in doc["optimizers"]} == {2}
 
 
-def test_bench_quick_writes_json_and_figure(tmp_path, capsys):
+def test_bench_quick_writes_json_and_figure(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
+    axes = _count_axes(monkeypatch)
     out = tmp_path / "bench"
     argv = [
         "bench",
@@ -447,6 +483,7 @@ def test_bench_quick_writes_json_and_figure(tmp_path, capsys):
         assert r["minres_iterations"] >= 1
         assert min(r[k] for k in ("gradient", "hvp", "factor", "solve")) > 0
     assert (out / "bench_scaling.png").stat().st_size > 0
+    assert axes == {"bench_scaling.png": 2}  # batches 1 and 2 at width 3: no empty panel
 
 
 def test_bench_time_cap_skips_larger_depths(tmp_path):
@@ -656,3 +693,254 @@ def test_check_reference_ggn_equals_hessian_of_a_linear_model():
     J = J.reshape(10, 8)
     np.testing.assert_allclose(G, J.T @ J / 5, atol=1e-9)
     np.testing.assert_allclose(reference_hessian(x, sizes, X, y), G, atol=1e-8)
+
+
+# -- inertia-controlled Newton ----------------------------------------------------------------
+def _dense(op, n: int) -> np.ndarray:
+    """The dense matrix of a LinearOperator, column by column."""
+    return np.asarray(op.matmat(np.eye(n)))
+
+
+def _inertia(A: np.ndarray) -> list[int]:
+    w = np.linalg.eigvalsh(0.5 * (A + A.T))
+    tol = A.shape[0] * np.finfo(float).eps * np.abs(w).max()
+    return [int((w < -tol).sum()), int((abs(w) <= tol).sum()), int((w > tol).sum())]
+
+
+class _LDLInertia:
+    """Inertia of ``A + λI`` by Sylvester's law on an LDLᵀ factorisation (scipy)."""
+
+    def __init__(self, A, lam):
+        import scipy.linalg
+
+        _, D, _ = scipy.linalg.ldl(A + lam * np.eye(len(A)))
+        self.inertia = tuple(_inertia(D))  # D is block diagonal (1x1 and 2x2 blocks)
+
+
+def test_positive_definite_shift_against_dense_eigvalsh():
+    rng = np.random.default_rng(3)
+    Q = np.linalg.qr(rng.standard_normal((7, 7)))[0]
+    A = Q @ np.diag([-2.5, -0.3, -1e-2, 0.5, 1.0, 4.0, 9.0]) @ Q.T
+    F, lam, tried = optimizers.positive_definite_shift(
+        lambda point, lam: _LDLInertia(A, lam), None, 1e-3, 10.0, 1e6
+    )
+    # the first of 1e-3, 1e-2, ... above -μ_min = 2.5, by a dense eigenvalue count
+    expected = next(
+        1e-3 * 10.0**k
+        for k in range(12)
+        if np.linalg.eigvalsh(A + 1e-3 * 10.0**k * np.eye(7))[0] > 0
+    )
+    assert lam == pytest.approx(expected) == pytest.approx(10.0)
+    assert [t[0] for t in tried] == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    for mu, inertia in tried:
+        assert inertia == _inertia(A + mu * np.eye(7))
+    assert tried[-1][1] == [0, 0, 7] and F.inertia == (0, 0, 7)
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        optimizers.positive_definite_shift(
+            lambda p, lam: _LDLInertia(A, lam), None, 1e-3, 10.0, 1.0
+        )
+
+
+def _tiny_problem():
+    from blockops.cli.problem import make_problem
+
+    return make_problem(3, 3, 3)  # 25 parameters; H + 1e-3 I has 12 negative eigenvalues
+
+
+def test_network_inertia_matches_dense_eigvalsh_along_the_shift():
+    from blockops.cli.problem import exact_inverse, hessian_operator
+
+    prob = _tiny_problem()
+    pt, n = prob.point(), prob.n_params
+    H = _dense(hessian_operator(pt), n)
+    assert _inertia(H + 1e-3 * np.eye(n))[0] > 0  # indefinite: the search has work to do
+    F, lam, tried = optimizers.positive_definite_shift(
+        lambda p, mu: exact_inverse(p, mu), pt, 1e-3, 10.0, 1e6
+    )
+    assert F.inertia == (0, 0, n) and len(tried) >= 2
+    for mu, inertia in tried:  # the factorisation's inertia is the eigenvalue count
+        assert inertia == _inertia(H + mu * np.eye(n))
+    assert tried[-1][1] == [0, 0, n]
+    w = np.linalg.eigvalsh(H)
+    assert lam > -w[0] >= lam / 10.0  # the first tenfold shift past -μ_min(H)
+
+
+def test_inertia_newton_on_a_tiny_network():
+    from blockops.cli.problem import exact_inverse, hessian_operator
+
+    prob = _tiny_problem()
+    n = prob.n_params
+    _, h = optimizers.inertia_newton(
+        prob.point,
+        lambda p, lam: exact_inverse(p, lam),
+        prob.x0,
+        max_steps=8,
+        hvp=lambda p, v: hessian_operator(p).matvec(v),
+        options=optimizers.InertiaOptions(damping=1e-3, damping_floor=1e-3),
+    )
+    assert h.steps == 8 and len(h.notes["tried"]) == 8
+    for lam, tried in zip(h.notes["damping"], h.notes["tried"]):
+        assert tried[-1] == [lam, [0, 0, n]]  # positive definite at the accepted λ
+        assert all(t[1][0] + t[1][1] > 0 for t in tried[:-1])  # and not below it
+        assert [t[0] for t in tried] == pytest.approx(
+            [tried[0][0] * 10.0**k for k in range(len(tried))]
+        )
+    assert len(h.notes["tried"][0]) >= 2  # x0 is indefinite: λ was raised
+    assert all(b <= a for a, b in itertools.pairwise(h.loss))  # monotone (Armijo)
+    assert h.loss[-1] < 0.1 * h.loss[0]
+    assert all(s > 0 for s in h.notes["step_size"])
+    # the first accepted shift, checked against the dense Hessian at x0
+    H0 = _dense(hessian_operator(prob.point()), n)
+    assert np.linalg.eigvalsh(H0 + h.notes["damping"][0] * np.eye(n))[0] > 0
+
+
+def test_inertia_newton_is_newton_on_a_convex_quadratic():
+    f = _Quadratic()
+
+    class Exact:  # (A + λI)⁻¹ by numpy.linalg, inertia by LDLᵀ
+        def __init__(self, point, lam):
+            self.lam, self.inertia = lam, _LDLInertia(f.A, lam).inertia
+
+        def matvec(self, g):
+            return np.linalg.solve(f.A + self.lam * np.eye(6), g)
+
+    opts = optimizers.InertiaOptions(damping=1.0, damping_floor=1e-10)
+    x, h = optimizers.inertia_newton(f, Exact, np.zeros(6), max_steps=8, options=opts)
+    assert all(len(t) == 1 for t in h.notes["tried"])  # A ≻ 0: never raised
+    assert h.notes["damping"][:4] == pytest.approx([1.0, 0.1, 0.01, 1e-3])  # ρ ≈ 1: λ / 10
+    np.testing.assert_allclose(x, f.xstar, rtol=1e-6)
+
+
+def test_armijo_backtracking_halves_an_overshooting_step():
+    f = _Quadratic()
+    x = np.zeros(6)
+    pt = f(x)
+    d = 3.0 * np.linalg.solve(f.A, pt.gradient)  # 3 x Newton: the loss rises at α = 1
+    slope = float(pt.gradient @ d)
+    alpha, trial = optimizers.armijo_backtracking(f, x, pt.loss, d, slope, 1e-4, 10)
+    assert alpha == 0.5 and trial.loss < pt.loss  # 1.5 x Newton: (1 - 1.5)² < 1
+    alpha, trial = optimizers.armijo_backtracking(f, x, pt.loss, -d, -slope, 1e-4, 5)
+    assert alpha == 0.0 and trial is None  # uphill: no decrease within 5 halvings
+
+
+# -- the Krylov rows --------------------------------------------------------------------------
+def test_krylov_rows_use_valid_preconditioners(capsys):
+    from argparse import Namespace
+
+    from blockops.cli import compare, demo
+    from blockops.cli.report import Reporter
+
+    prob = _tiny_problem()
+    n, lam = prob.n_params, 1e-3
+    x0 = demo._second_order_at_x0(prob, Namespace(damping=lam, seed=0))
+    runs, facts = compare.krylov_runs(x0, lam, 50)
+    assert [r.label for r in runs] == [
+        "MINRES",
+        "MINRES + (H+μI)^-1",
+        "GMRES + exact (H+λI)^-1",
+        "CG",
+        "CG + exact (G+λI)^-1",
+    ]
+    assert _inertia(_dense(x0.Hl, n))[0] > 0  # MINRES's system is indefinite
+    for run in runs:
+        if run.method == "cg":  # CG needs a positive definite operator
+            assert np.linalg.eigvalsh(_dense(run.A, n))[0] > 0
+        if run.needs_spd:  # MINRES and CG need a symmetric positive definite M
+            M = _dense(run.M, n)
+            np.testing.assert_allclose(M, M.T, atol=1e-10 * np.abs(M).max())
+            assert np.linalg.eigvalsh(0.5 * (M + M.T))[0] > 0, run.label
+    assert [r.label for r in runs if r.needs_spd] == [
+        "MINRES + (H+μI)^-1",
+        "CG + exact (G+λI)^-1",
+    ]
+    # μ: the first tenfold shift from λ at which H + μI is positive definite
+    w = np.linalg.eigvalsh(_dense(x0.Hl, n)) - lam
+    assert facts["mu"] > -w[0] >= facts["mu"] / 10.0
+    out = compare.krylov_comparison(Reporter(plain=True), x0, lam, 1e-8, 50)
+    assert out["GMRES + exact (H+λI)^-1"]["iterations"] == 1
+    assert out["CG + exact (G+λI)^-1"]["iterations"] == 1
+    assert out["CG"]["converged"] and out["CG"]["iterations"] <= facts["rank"] + 2
+    assert "MINRES + (H+μI)^-1" in capsys.readouterr().out
+
+
+# -- figures ----------------------------------------------------------------------------------
+def _assert_legends_cover_no_axes(fig) -> None:
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert legends
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (leg, ax.get_title())
+
+
+def test_panel_grid_leaves_no_empty_panel():
+    from blockops.cli.report import panel_grid
+
+    assert [panel_grid(n) for n in (1, 2, 3, 4, 6, 9)] == [
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 2),
+        (2, 3),
+        (3, 3),
+    ]
+    for n in range(1, 13):
+        rows, cols = panel_grid(n)
+        assert rows * cols >= n and (rows - 1) * cols < n
+
+
+@pytest.mark.parametrize(("widths", "batches"), [([8], [4]), ([8, 16, 32], [1]), ([8, 16], [1, 8])])
+def test_scaling_figure_one_axes_per_panel_legends_outside_slope_one(widths, batches):
+    pytest.importorskip("matplotlib")
+    from blockops.cli.report import require_matplotlib, scaling_figure
+
+    depths = [4, 8, 16, 32]
+    records = [
+        {"width": w, "batch": b, "depth": d, "factor": 1e-3 * d**1.2, "solve": 2e-4 * d}
+        for w in widths
+        for b in batches
+        for d in depths
+    ]
+    fig = scaling_figure(records, [("factor", "factor"), ("solve", "solve")])
+    assert len(fig.axes) == len(widths) * len(batches)
+    _assert_legends_cover_no_axes(fig)
+    for ax in fig.axes:
+        (ref,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("slope 1")]
+        d, t = ref.get_data()
+        assert np.log(t[-1] / t[0]) / np.log(d[-1] / d[0]) == pytest.approx(1.0)
+        assert (d[0], d[-1]) == (4, 32)
+    require_matplotlib().close(fig)
+
+
+def test_loss_figure_two_panels_and_a_legend_outside():
+    pytest.importorskip("matplotlib")
+    from blockops.cli.report import loss_figure, require_matplotlib
+
+    hists = []
+    for k, name in enumerate(["a", "b", "c", "d", "e"]):
+        h = optimizers.History(name)
+        h.loss = list(np.geomspace(1.0, 10.0 ** -(k + 1), 20))
+        h.time = list(np.linspace(0.0, 2.0, 20))
+        hists.append(h)
+    fig = loss_figure(hists, t_equal=1.5)
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1].startswith("equal time")
+    _assert_legends_cover_no_axes(fig)
+    require_matplotlib().close(fig)
+
+
+def test_losses_at_equal_time_and_equal_work():
+    from blockops.cli.compare import factorizations_per_iterate, loss_after_factorizations, loss_at
+
+    loss, t = [4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]
+    inertia = optimizers.History("i", loss, t, notes={"factorizations": [1, 3, 1]})
+    assert [loss_at(inertia, s) for s in (0.5, 1.0, 2.5, 99.0)] == [4.0, 3.0, 2.0, 1.0]
+    assert factorizations_per_iterate(inertia) == [0, 1, 4, 5]
+    assert [loss_after_factorizations(inertia, n) for n in (0, 3, 4, 9)] == [4.0, 3.0, 2.0, 1.0]
+    lm = optimizers.History("lm", loss, t, notes={"damping": [1.0, 10.0, 1.0]})
+    assert factorizations_per_iterate(lm) == [0, 1, 2, 3]  # one factorisation per trial
+    gd = optimizers.History("gd", loss, t, notes={"lr": 0.1})
+    assert factorizations_per_iterate(gd) is None and loss_after_factorizations(gd, 2) is None
