@@ -1,31 +1,51 @@
 """Benchmark: exact ``(H + λI)⁻¹ g`` vs the fused HVP, MINRES and a dense solve.
 
-Width-16 tanh dense nets with an MSE loss, batch 1 / 4 / 32, depth
-64 / 256 / 1024 / 4096, ``λ = 1e-3``. Per case: factor time, solve time (one
-solve including one refinement step), one fused HVP, the relative residual
-certificate; SciPy MINRES driven by the fused HVP to relative residual 1e-8
+Width-16 tanh dense nets with an MSE loss, ``λ = 1e-3``, float64, one BLAS
+thread. Per case: one fused HVP; the factorisation; one solve with one
+refinement step (``refine=1, check=False``: two sweeps and one HVP); a
+repeated solve with the stored factor (``refine=0``); ``(factor + solve) /
+HVP``; the relative residual; bytes per layer the dense stages keep after
+factoring; SciPy MINRES driven by the fused HVP to relative residual 1e-8
 (iterations, time, true residual; capped); a dense ``numpy.linalg.solve`` on
-the Hessian built column by column where it fits (depth 16 only).
+the Hessian built column by column where it fits (depth 16).
 
-Run ``python benchmarks/bench_inverse.py [--quick]`` for the table, or
-``python -m pytest benchmarks/bench_inverse.py --benchmark-only``.
+The issue's table (depth 64 / 256 / 1024 / 4096 at batch 1, 256 / 1024 at
+batch 4)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py
+
+Options: ``--quick`` (depths 64 / 256, short MINRES), ``--all`` (adds batch
+32), ``--compare`` (each case by the array path and by the compiled sweeps
+of :mod:`blockops.network.dense_stage_jit`, timed alternately in one run),
+``--cold`` (also time a cold numba compile in a subprocess with an empty
+cache), ``--no-minres``. The first factor and solve of the process (numba
+compile, or a load from its cache) is timed once and reported, not counted.
+``python -m pytest benchmarks/bench_inverse.py --benchmark-only`` runs the
+pytest-benchmark cases.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from blockops.cli.problem import best_time
 from blockops.hessian import hessian, hvp
 from blockops.inverse import inverse_hessian
 from blockops.network import Dense, MSELoss, Pipeline
+from blockops.network.dense_stage import DenseSegment
+from blockops.network.dense_stage_jit import available, compiled
 
 WIDTH, DAMPING = 16, 1e-3
 MAX_DEPTH_TIMES_BATCH = 32768
+ISSUE_GRID = [(64, 1), (256, 1), (1024, 1), (4096, 1), (256, 4), (1024, 4)]
+QUICK_GRID = [(64, 1), (256, 1), (64, 4), (256, 4)]
 
 
 def make_point(depth, batch, width=WIDTH, seed=0):
@@ -36,27 +56,121 @@ def make_point(depth, batch, width=WIDTH, seed=0):
     return net, net.linearize(net.init(seed=seed), X, y)
 
 
-def bench_case(depth, batch, minres_cap=2000, minres=True, dense=False, repeat=3, threads=1):
+def best_times(fns: dict, repeat: int, budget: float = 3.0) -> dict:
+    """Best wall-clock time of each callable, the callables interleaved round by round."""
+    best = dict.fromkeys(fns, math.inf)
+    spent = 0.0
+    for _ in range(max(1, repeat)):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+            best[key], spent = min(best[key], t), spent + t
+        if spent >= budget:
+            break
+    return best
+
+
+def stored_bytes(stage) -> int:
+    """Bytes of the arrays a stage keeps (each buffer once, views count their base)."""
+    seen, total = set(), 0
+
+    def visit(obj, depth=0):
+        nonlocal total
+        if isinstance(obj, np.ndarray):
+            root = obj
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            if id(root) not in seen:
+                seen.add(id(root))
+                total += root.nbytes
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                visit(x, depth)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                visit(x, depth)
+        elif depth < 3 and type(obj).__module__.startswith("blockops") and hasattr(obj, "__dict__"):
+            for key, x in vars(obj).items():
+                if key != "layers":
+                    visit(x, depth + 1)
+
+    visit(stage)
+    return total
+
+
+def bytes_per_layer(Hi) -> float:
+    segs = [st for st in Hi._factor.stages if isinstance(st, DenseSegment)]
+    return sum(stored_bytes(s) for s in segs) / max(1, sum(s.nlayers for s in segs))
+
+
+def first_call(depth=8, batch=1) -> float:
+    """Seconds of the first factor + solve of the process (numba compile or cache load)."""
+    net, pt = make_point(depth, batch)
+    g = np.ones(net.n_params)
+    t0 = time.perf_counter()
+    for dt in (np.float64, np.float32):
+        Hi = inverse_hessian(pt.astype(dt), damping=DAMPING, refine=0, check=False)
+        Hi.solve(g.astype(dt))
+    return time.perf_counter() - t0
+
+
+def cold_compile() -> float:
+    """First call in a fresh process with an empty numba cache (the once-per-machine cost)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import bench_inverse; "
+    code += "print(bench_inverse.first_call())"
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def bench_case(
+    depth, batch, minres_cap=2000, minres=True, dense=False, repeat=5, threads=1, paths=("",)
+):
+    """Rows for one case: one per path (``""``: default; ``"array"`` / ``"compiled"``)."""
     from scipy.sparse.linalg import minres as sp_minres
 
     net, pt = make_point(depth, batch)
     n = net.n_params
     g = np.random.default_rng(1).standard_normal(n)
-    row = {"depth": depth, "batch": batch, "n": n}
+    common = {"depth": depth, "batch": batch, "n": n}
     with threadpool_limits(1):
-        row["hvp_s"], _ = best_time(lambda: hvp(pt, g), repeat)
-    t_fac, Hi = best_time(
-        lambda: inverse_hessian(pt, damping=DAMPING, refine=1, check=False, threads=threads),
-        repeat if depth * batch <= 4096 else 1,
-    )
-    row["method"] = Hi.method
-    row["factor_s"] = t_fac
-    row["solve_s"], x = best_time(lambda: Hi.solve(g), repeat)
-    row["total_s"] = row["factor_s"] + row["solve_s"]
-    row["total_over_hvp"] = row["total_s"] / row["hvp_s"]
-    row["residual"] = float(Hi.residual(g, x))
-    Hi0 = inverse_hessian(pt, damping=DAMPING, refine=0, check=False, threads=threads)
-    row["residual_unrefined"] = float(Hi0.residual(g, Hi0.solve(g)))
+        common["hvp_s"] = best_times({"h": lambda: hvp(pt, g)}, repeat)["h"]
+    ops = {}
+
+    def factor(path, refine):
+        def go():
+            return inverse_hessian(pt, damping=DAMPING, refine=refine, check=False, threads=threads)
+
+        if not path:
+            return go()
+        with compiled(path == "compiled"):
+            return go()
+
+    for path in paths:  # warm: the first factor of a shape pays page faults
+        ops[path] = (factor(path, 1), factor(path, 0))
+        ops[path][0].solve(g)
+    reps = repeat if depth * batch <= 4096 else max(2, repeat // 2)
+    t_fac = best_times({p: (lambda p=p: factor(p, 1)) for p in paths}, reps)
+    t_sol = best_times({p: (lambda p=p: ops[p][0].solve(g)) for p in paths}, reps)
+    t_sol0 = best_times({p: (lambda p=p: ops[p][1].solve(g)) for p in paths}, reps)
+    rows = []
+    for path in paths:
+        Hi, Hi0 = ops[path]
+        row = dict(common)
+        row["path"] = path or ("compiled" if Hi._factor.stages[0]._jit is not None else "array")
+        row["method"] = Hi.method
+        row["factor_s"], row["solve_s"], row["solve0_s"] = t_fac[path], t_sol[path], t_sol0[path]
+        row["total_s"] = row["factor_s"] + row["solve_s"]
+        row["total_over_hvp"] = row["total_s"] / row["hvp_s"]
+        row["solve0_over_hvp"] = row["solve0_s"] / row["hvp_s"]
+        row["residual"] = float(Hi.residual(g, Hi.solve(g)))
+        row["residual_unrefined"] = float(Hi0.residual(g, Hi0.solve(g)))
+        row["bytes_per_layer"] = bytes_per_layer(Hi)
+        rows.append(row)
+    extra = {}
     if minres:
         A = hessian(pt, damping=DAMPING)
         count = [0]
@@ -69,46 +183,54 @@ def bench_case(depth, batch, minres_cap=2000, minres=True, dense=False, repeat=3
                 maxiter=minres_cap,
                 callback=lambda xk: count.__setitem__(0, count[0] + 1),
             )
-            row["minres_s"] = time.perf_counter() - t
-        row["minres_iters"] = count[0]
-        row["minres_capped"] = count[0] >= minres_cap
-        row["minres_residual"] = float(Hi.residual(g, xm))
-        row["speedup_vs_minres"] = row["minres_s"] / row["total_s"]
+            extra["minres_s"] = time.perf_counter() - t
+        extra["minres_iters"] = count[0]
+        extra["minres_capped"] = count[0] >= minres_cap
+        extra["minres_residual"] = float(ops[paths[0]][0].residual(g, xm))
     if dense:
         t = time.perf_counter()
         Hd = hvp(pt, np.eye(n)) + DAMPING * np.eye(n)
         xd = np.linalg.solve(Hd, g)
-        row["dense_s"] = time.perf_counter() - t
-        row["dense_residual"] = float(Hi.residual(g, xd))
-    return row
+        extra["dense_s"] = time.perf_counter() - t
+        extra["dense_residual"] = float(ops[paths[0]][0].residual(g, xd))
+    for row in rows:
+        row.update(extra)
+        if "minres_s" in row:
+            row["speedup_vs_minres"] = row["minres_s"] / row["total_s"]
+    return rows
 
 
-def run(quick: bool = False, verbose: bool = False) -> list[dict]:
-    """All cases (``quick``: small depths, batch 1 and 4, short MINRES)."""
+def run(
+    quick: bool = False,
+    full: bool = False,
+    compare: bool = False,
+    minres: bool = True,
+    verbose: bool = False,
+) -> list[dict]:
+    """The issue's cases (``quick``: small depths, short MINRES; ``full``: also batch 32)."""
     rows = []
-    if quick:
-        grid = [(64, 1), (256, 1), (64, 4), (256, 4)]
-        cap = 300
-    else:
-        grid = [(d, b) for b in (1, 4, 32) for d in (64, 256, 1024, 4096)]
-        cap = 2000
+    paths = ("array", "compiled") if compare and available() else ("",)
+    grid, cap = (QUICK_GRID, 300) if quick else (list(ISSUE_GRID), 2000)
+    if full and not quick:
+        grid += [(d, 32) for d in (64, 256, 1024, 4096)]
     for depth, batch in grid:
         if depth * batch > MAX_DEPTH_TIMES_BATCH:
             continue  # batch 32 at depth 4096 stores ~7 GB of stage gains: skipped
         big = depth * batch > 8192
-        rows.append(
-            bench_case(
-                depth,
-                batch,
-                minres_cap=cap,
-                minres=depth <= 256 and batch <= 4,
-                repeat=1 if big else 3,
-            )
+        new = bench_case(
+            depth,
+            batch,
+            minres_cap=cap,
+            minres=minres and batch <= 4,
+            repeat=3 if big else 7,
+            paths=paths,
         )
+        rows += new
         if verbose:
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            for line in table(new).splitlines()[2:]:
+                print(line, flush=True)
     for batch in (1, 4):
-        rows.append(bench_case(16, batch, minres=False, dense=True, repeat=1))
+        rows += bench_case(16, batch, minres=False, dense=True, repeat=3, paths=paths)
     return rows
 
 
@@ -116,15 +238,18 @@ COLUMNS = [
     ("depth", "{}"),
     ("batch", "{}"),
     ("n", "{}"),
-    ("method", "{}"),
+    ("path", "{}"),
     ("hvp_s", "{:.4f}"),
     ("factor_s", "{:.4f}"),
     ("solve_s", "{:.4f}"),
+    ("total_s", "{:.4f}"),
     ("total_over_hvp", "{:.2f}"),
+    ("solve0_over_hvp", "{:.2f}"),
     ("residual", "{:.1e}"),
     ("residual_unrefined", "{:.1e}"),
+    ("bytes_per_layer", "{:.0f}"),
     ("minres_iters", "{}"),
-    ("minres_s", "{:.3f}"),
+    ("minres_s", "{:.2f}"),
     ("minres_residual", "{:.1e}"),
     ("speedup_vs_minres", "{:.0f}"),
     ("dense_s", "{:.2f}"),
@@ -164,5 +289,29 @@ def test_factor_solve_batch4_depth64(benchmark):
     benchmark(lambda: inverse_hessian(pt, damping=DAMPING, check=False).solve(g))
 
 
+def test_repeated_solve_batch1_depth256(benchmark):
+    _, pt = make_point(256, 1)
+    g = np.random.default_rng(1).standard_normal(pt.gradient.shape[0])
+    Hi = inverse_hessian(pt, damping=DAMPING, refine=0, check=False)
+    benchmark(lambda: Hi.solve(g))
+
+
+def main(argv) -> None:
+    compare = "--compare" in argv
+    print(f"numba sweeps: {'available' if available() else 'absent (array path)'}", flush=True)
+    if available() and "--cold" in argv:
+        print(f"cold compile (empty cache, float64 + float32): {cold_compile():.1f} s", flush=True)
+    print(f"first factor + solve of this process (not counted): {first_call():.2f} s", flush=True)
+    rows = run(
+        quick="--quick" in argv,
+        full="--all" in argv,
+        compare=compare,
+        minres="--no-minres" not in argv,
+        verbose=True,
+    )
+    print()
+    print(table(rows))
+
+
 if __name__ == "__main__":
-    print(table(run(quick="--quick" in sys.argv, verbose=True)))
+    main(sys.argv[1:])

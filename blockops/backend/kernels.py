@@ -26,6 +26,8 @@ kernels report (``|pivots|``, or ``|eigenvalues|`` on the generic path).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import scipy.linalg.lapack as lapack
 
@@ -132,6 +134,12 @@ def factor_symmetric(Q):
     return _HostBunchKaufman(Q) if host_lapack(xp) else _GenericSymmetric(Q)
 
 
+# LAPACK getrs of the OpenBLAS that SciPy ships (0.3.30) corrupts the heap when Python
+# threads call it at once (free(): invalid next size; 4 threads solving with one factor),
+# while getrf, gesv, posv, potrs and sytrs do not: host getrs calls take this lock.
+_GETRS_LOCK = threading.Lock()
+
+
 # -- symmetric, usually definite (the dense layer's reduced pivots T) ----------------
 class _HostCholesky:
     """``T = L Lᵀ`` (``potrf``): ``L_f = L``, ``R_f = Lᵀ``."""
@@ -184,7 +192,8 @@ class _LU:
     def left(self, X):
         if self.lu is None:
             return self.xp.linalg.solve(self.T, X)
-        return self._getrs(self.lu[0], self.lu[1], X)[0]
+        with _GETRS_LOCK:
+            return self._getrs(self.lu[0], self.lu[1], X)[0]
 
     def right(self, X):
         return X

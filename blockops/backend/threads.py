@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["blas_threads"]
 
 _lock = threading.Lock()
 _depth = 0
 _limiter = None
+_controller = None  # built once: a fresh threadpool_limits rescans the libraries (~0.85 ms)
 
 
 @contextlib.contextmanager
@@ -28,10 +29,12 @@ def blas_threads(n: int):
     Concurrent entrants share the first entrant's limit; the original limits
     come back when the last one leaves.
     """
-    global _depth, _limiter
+    global _depth, _limiter, _controller
     with _lock:
         if _depth == 0:
-            _limiter = threadpool_limits(limits=n)
+            if _controller is None:
+                _controller = ThreadpoolController()
+            _limiter = _controller.limit(limits=n)
         _depth += 1
     try:
         yield

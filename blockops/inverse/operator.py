@@ -265,14 +265,14 @@ class InverseHessian(ArrayOperands, LinearOperator):
         wt, hd = self.work_dtype, np.dtype(self.point.dtype)
         t0 = time.perf_counter()
         with blas_threads(self.threads):
-            X = self._factor.solve(G2.astype(wt)).astype(hd)
+            X = self._factor.solve(G2.astype(wt, copy=False)).astype(hd, copy=False)
             if self.check or self.refine:  # the refinement's HVP would scan X anyway
                 self._check_overflow(X)
-            Gh = G2.astype(hd)
+            Gh = G2.astype(hd, copy=False)
             res = None
             for _ in range(self.refine):
                 R = Gh - self._apply_H(X)
-                X += self._factor.solve(R.astype(wt)).astype(hd)
+                X += self._factor.solve(R.astype(wt, copy=False)).astype(hd, copy=False)
             X = X.astype(self.out_dtype, copy=False)
             if self.check:  # certify what the caller receives, after any cast
                 res = self._residual(Gh, X)  # G was checked on entry

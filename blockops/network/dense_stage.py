@@ -42,6 +42,18 @@ stack (pivot ratio, ``log|det|`` and inertia) otherwise: CuPy, or NumPy inside
 :func:`blockops.backend.generic_linalg`. The pivot check is one
 device-to-host transfer per segment during the factorisation; solves stay on
 the device.
+
+Compiled sweeps: on host NumPy with numba installed, segments with
+``B a ≤ JIT_M`` run the three sequential loops (the backward sweep of the
+factorisation, the two sweeps of a solve) as compiled functions over the whole
+segment (:mod:`.dense_stage_jit`): per layer the step is a few products of
+16- to 64-square matrices, which NumPy calls cost more to dispatch than to
+compute. Same algorithm and pivots (Cholesky, LU with partial pivoting when
+``T`` is not definite, the same pivot magnitudes and singular check); they
+keep ``W``, ``T⁻¹R`` and the factor of ``T`` instead of ``T``, ``Ψ`` and
+``Ψᵀ``, and rebuild the ``T`` of LU-factored layers from their factors when the
+inertia is asked for. Without numba (or with ``BLOCKOPS_JIT=0``) the array code
+runs; :func:`.dense_stage_jit.compiled` switches between the two.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import numpy as np
 from ..backend import (
     count_negative,
     get_array_module,
+    host_lapack,
     pivot_factorizer,
     pivot_magnitudes,
     pivot_solver,
@@ -61,6 +74,25 @@ from ..singular import upper_first as _upper_first
 __all__ = ["DenseSegment", "dense_segments"]
 
 SMALL_M = 32  # B*a up to which the stacked (ns + k)-square form is used
+# B*a up to which the compiled sweeps run (host NumPy with numba). Width 16, one BLAS
+# thread, CPU ms of factor (stages built) / one solve, compiled against array path, depth
+# 1024: B = 1: 7.6 / 3.0 against 39 / 13; B = 2: 19 / 6.0 against 117 / 18; B = 4: 104 / 17
+# against 132 / 64; depth 256, B = 8: 200 / 14 against 187 / 31 (so not compiled).
+JIT_M = 64
+
+
+def _compiled_kernels(xp, dtype):
+    """The compiled sweeps (:mod:`.dense_stage_jit`) for host float arrays, else ``None``."""
+    if not host_lapack(xp) or dtype not in (np.float32, np.float64):
+        return None
+    from .dense_stage_jit import kernels
+
+    return kernels()
+
+
+def _stack(xp, arrays):
+    """``xp.stack`` of equal-shape arrays as one concatenation (half the time at depth 1024)."""
+    return xp.concatenate(arrays, axis=0).reshape((len(arrays), *arrays[0].shape))
 
 
 def _stack_mm(X, Q):
@@ -101,10 +133,10 @@ class DenseSegment:
         self.xp = xp = get_array_module(ex[0]["W"], caches[0].z_prev)
         self._eigT = None  # eigenvalues of the T stack (generic path)
         self._Ts_lu = []  # pivots factored by LU (all of them on the generic path)
-        W = xp.stack([e["W"] for e in ex])  # (L, a, a_in)
-        z = xp.stack([c.z_prev for c in caches])  # (L, B, a_in)
-        d1 = xp.stack([e["d1"] for e in ex])  # (L, B, a)
-        b = xp.stack(bs)
+        W = _stack(xp, [e["W"] for e in ex])  # (L, a, a_in)
+        z = _stack(xp, [c.z_prev for c in caches])  # (L, B, a_in)
+        d1 = _stack(xp, [e["d1"] for e in ex])  # (L, B, a)
+        b = _stack(xp, bs)
         L, a, a_in = W.shape
         B = z.shape[1]
         r = a_in + 1
@@ -112,9 +144,9 @@ class DenseSegment:
         self.p = L * a * r
         self.pl = a * r
         self.n_in, self.n_out = B * a_in, B * a
-        dt = W.dtype
+        self.dtype = dt = W.dtype
         beta = b * d1
-        w = b * xp.stack([e["d2"] for e in ex])
+        w = b * _stack(xp, [e["d2"] for e in ex])
         zt = xp.concatenate([z, xp.ones((L, B, 1), dt)], axis=2)
         Q, R = xp.linalg.qr(zt.transpose(0, 2, 1))  # Q (L, r, ρ), R (L, ρ, B)
         rho = Q.shape[2]
@@ -135,12 +167,15 @@ class DenseSegment:
         # N = D1 [W_blk, G^T]; large batches: Kronecker-structured products per layer
         # (keeps memory at the stored gains T^-1 R).
         self.small = B * a <= SMALL_M
-        if self.small:
+        # Host NumPy, B a <= JIT_M: the sequential loops run compiled (numba, when installed;
+        # module dense_stage_jit); the array code is the reference and the CuPy / generic path.
+        self._jit = _compiled_kernels(xp, dt) if B * a <= JIT_M else None
+        if self.small and self._jit is None:
             self._precompute_small()
 
     def _precompute_small(self):
         L, a, B, k, lam = self.nlayers, self.a, self.B, self.k, self.damping
-        xp, ns, m, dt = self.xp, self.n_in, self.n_out, self.W.dtype
+        xp, ns, m, dt = self.xp, self.n_in, self.n_out, self.dtype
         eyeB = xp.eye(B, dtype=dt)
         Wblk = (eyeB[None, :, None, :, None] * self.W[:, None, :, None, :]).reshape(L, m, ns)
         M = xp.concatenate([Wblk, _kron_eye(self.Y, a)], axis=2)
@@ -180,19 +215,84 @@ class DenseSegment:
     def factor(self, V):
         """Backward sweep over the segment; return the value matrix at its input."""
         V2 = None if V is None else V + V.T  # 2V, symmetrised
-        V2, LUd = (self._factor_small if self.small else self._factor_large)(V2)
+        if self._jit is not None:
+            run = self._factor_compiled
+        else:
+            run = self._factor_small if self.small else self._factor_large
+        V2, LUd = run(V2)
         self._check_pivots(self.xp.abs(LUd))
-        if self.small:
+        if self.small and self._jit is None:
             # Closed-loop transition Psi = D1 (W_blk - G^T T^-1 R), used by both solve sweeps.
             ns = self.n_in
-            self.Psi = self.N[:, :, :ns] - self.N[:, :, ns:] @ self.TinvR
-            self.PsiT = self.xp.ascontiguousarray(self.Psi.transpose(0, 2, 1))
+            self._Psi = self.N[:, :, :ns] - self.N[:, :, ns:] @ self.TinvR
+            self.PsiT = self.xp.ascontiguousarray(self._Psi.transpose(0, 2, 1))
+            del self.N, self.Nh, self.K0  # the solves need T, T^-1 R and Psi only
         return 0.5 * V2
+
+    _Psi = None
+
+    @property
+    def Psi(self):
+        """Closed-loop transitions ``Ψ = D₁ (W_blk − Gᵀ T⁻¹R)`` (L, B a, B a_in) of the small form.
+
+        Stored by the array path; the compiled sweeps apply it unformed (from
+        ``W`` and ``T⁻¹R``), so there it is formed here, on request, by the
+        array path's formula.
+        """
+        if self._Psi is None and self._jit is not None:
+            L, a, B, ns, m, xp = self.nlayers, self.a, self.B, self.n_in, self.n_out, self.xp
+            eyeB = xp.eye(B, dtype=self.dtype)
+            Wblk = (eyeB[None, :, None, :, None] * self.W[:, None, :, None, :]).reshape(L, m, ns)
+            d1 = self.d1.reshape(L, m, 1)
+            return d1 * Wblk - (d1 * _kron_eye(self.Y, a)) @ self.TinvR
+        return self._Psi
+
+    def _factor_compiled(self, V2):
+        """The backward sweep as one compiled loop (host NumPy; :mod:`.dense_stage_jit`).
+
+        Keeps ``W``, ``T⁻¹R``, the factor of ``T`` (``Lᵀ`` of its Cholesky factor, or
+        its LU and row swaps), ``Qᵀ``, ``Y``, ``d1`` and ``β``: what the solves read.
+        """
+        L, m, ns, k, dt = self.nlayers, self.n_out, self.n_in, self.k, self.dtype
+        if L > 1 and m != ns:
+            raise ValueError("DenseSegment: a segment of several layers must be square")
+        self.W = np.ascontiguousarray(self.W)
+        self._d1f = np.ascontiguousarray(self.d1.reshape(L, m))
+        self._betaf = np.ascontiguousarray(self.beta.reshape(L, m))
+        self.Y = np.ascontiguousarray(self.Y)
+        self.TinvR = np.empty((L, k, ns), dt)
+        self._F = np.empty((L, k, k), dt)  # L^T of the Cholesky factor of T, or its LU
+        self._piv = np.zeros((L, k), np.int32)  # LU row swaps
+        self._islu = np.zeros(L, np.bool_)
+        ud = np.empty((L, k), dt)
+        Vin = np.zeros((m, m), dt) if V2 is None else np.ascontiguousarray(V2, dtype=dt)
+        V2, bad = self._jit.factor(
+            self.W,
+            self._d1f,
+            np.ascontiguousarray(self.w.reshape(L, m)),
+            self._betaf,
+            self.QT,
+            self.Y,
+            Vin,
+            dt.type(self.damping),
+            dt.type(0.5),
+            self.full,
+            self.TinvR,
+            self._F,
+            self._piv,
+            self._islu,
+            ud,
+            k >= self._jit.LAPACK_K,
+            *self._jit.lapack[dt],
+        )
+        if bad >= 0:
+            raise self._singular(int(bad), "exactly singular")
+        return V2, ud
 
     def _factor_large(self, V2):
         """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``)."""
         xp, L, ns, k, a, B, m = self.xp, self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
-        dt = self.W.dtype
+        dt = self.dtype
         # Per layer (factor of T, half gain Y = L_f^-1 R): Cholesky when T is positive
         # definite (half the flops of LU + GEMM), else LU (backend kernels).
         factor_T = pivot_factorizer(xp, dt)
@@ -272,7 +372,7 @@ class DenseSegment:
             TinvR[j] = TR
             V2 = Z[:ns, :ns] - R.T @ TR
             V2 += V2.T  # symmetrise (docs: numerics, "Numerics that matter")
-        self.T = Zs[:, ns:, ns:]
+        self.T = xp.ascontiguousarray(Zs[:, ns:, ns:])  # not a view: Zs is dropped
         self.TinvR = xp.stack(TinvR)
         LUd, self._eigT = pivot_magnitudes(xp, self.T, pivots)
         return V2, LUd
@@ -282,7 +382,7 @@ class DenseSegment:
         return SingularBlockError(
             f"stagewise sweep: the stage pivot Q_uu of {ly.name} is {detail}; "
             "H + damping*I is singular or nearly so in the stagewise ordering. "
-            f"{_upper_first(damping_hint(self.damping, self.W.dtype))}, or use method='kkt' "
+            f"{_upper_first(damping_hint(self.damping, self.dtype))}, or use method='kkt' "
             "(pivoted banded LU).",
             layer=self.first_index + j,
         )
@@ -311,7 +411,12 @@ class DenseSegment:
         """Inertia of the stage pivots (batched eigenvalues of the ``T`` stack, on request)."""
         # generic path: eigenvalues computed with the factor; large stages on the host:
         # Cholesky-factored pivots are positive definite, so only the LU ones count
-        Ts = self.T if self.small else self._Ts_lu
+        if self._jit is not None:  # the LU ones rebuilt from their factors (nothing stored)
+            lu = self._islu
+            Ts = np.empty((int(lu.sum()), self.k, self.k), self.dtype)
+            self._jit.lu_rebuild(self._F[lu], self._piv[lu], Ts)
+        else:
+            Ts = self.T if self.small else self._Ts_lu
         neg = count_negative(self.xp, Ts, self._eigT)
         return (neg, 0, self.pl * self.nlayers - neg)
 
@@ -354,7 +459,7 @@ class DenseSegment:
     def _fwd_step(self, j, s):
         """``Ψ_j s``."""
         if self.small:
-            return self.Psi[j] @ s
+            return self._Psi[j] @ s
         B, a, kc = self.B, self.a, s.shape[1]
         Ws = (self.W[j] @ s.reshape(B, self.a_in, kc)).reshape(self.n_out, kc)
         t = self._TR(j, s)
@@ -363,6 +468,8 @@ class DenseSegment:
 
     def backward(self, v, g):
         """Linear-term sweep: ``v_{l-1} = Ψᵀ v_l + T⁻¹R`ᵀ γ_l + λ⁻¹ S_⊥ᵀ g_l``."""
+        if self._jit is not None:
+            return self._backward_compiled(v, g)
         xp, L, a, B, k, ns = self.xp, self.nlayers, self.a, self.B, self.k, self.n_in
         Xg = self._matrix_form(g)
         kc = Xg.shape[1]
@@ -399,6 +506,8 @@ class DenseSegment:
 
     def forward(self, s, ctx):
         """State sweep ``s_l = Ψ s_{l-1} − D1 Gᵀ τ_l``; controls ``u_l``."""
+        if self._jit is not None:
+            return self._forward_compiled(s, ctx)
         Xg, tau = ctx
         L, a, a_in, B, rho, kc = self.nlayers, self.a, self.a_in, self.B, self.rho, Xg.shape[1]
         om = (self.Y @ tau.reshape(L, rho, a * kc)).reshape(L, self.n_out, kc)
@@ -409,7 +518,7 @@ class DenseSegment:
         if s is None:
             s, j0 = om[0], 1
         if self.small:
-            Psi = self.Psi
+            Psi = self._Psi
             for j in range(j0, L):
                 ss[j] = s
                 s = Psi[j] @ s + om[j]
@@ -430,6 +539,53 @@ class DenseSegment:
             U -= self._perp(sel - Xg) / self.damping
         u = xp.concatenate([U[:, :, :, :a_in].reshape(L, kc, a * a_in), U[:, :, :, a_in]], axis=2)
         return u.transpose(0, 2, 1).reshape(self.p, kc), s
+
+    def _backward_compiled(self, v, g):
+        L, pl, m, dt = self.nlayers, self.pl, self.n_out, self.TinvR.dtype
+        kc = g.shape[1]
+        gT = np.ascontiguousarray(g.T, dtype=dt).reshape(kc, L, pl)
+        vT = np.zeros((kc, m), dt) if v is None else np.ascontiguousarray(v.T, dtype=dt)
+        tau, gam = np.empty((2, L, kc, self.k), dt)
+        v = self._jit.backward(
+            gT,
+            vT,
+            self.W,
+            self.TinvR,
+            self._F,
+            self._piv,
+            self._islu,
+            self.QT,
+            self.Y,
+            self._d1f,
+            self._betaf,
+            dt.type(self.damping),
+            self.full,
+            tau,
+            gam,
+        )
+        return v.T, (gT, tau, gam)
+
+    def _forward_compiled(self, s, ctx):
+        gT, tau, gam = ctx
+        kc, dt = gT.shape[0], gT.dtype
+        sT = np.zeros((kc, self.n_in), dt) if s is None else np.ascontiguousarray(s.T, dtype=dt)
+        u = np.empty((kc, self.nlayers, self.pl), dt)
+        s = self._jit.forward(
+            gT,
+            sT,
+            self.W,
+            self.TinvR,
+            self.QT,
+            self.Y,
+            self._d1f,
+            self._betaf,
+            dt.type(self.damping),
+            self.full,
+            tau,
+            gam,
+            u,
+        )
+        return u.reshape(kc, self.p).T, s.T
 
 
 def dense_segments(layers, caches, bs, damping, first_index=1):
