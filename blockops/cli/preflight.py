@@ -93,12 +93,20 @@ def layer_memory(width: int, batch: int) -> float:
     s = batch * width
     m = min(s + width, p)
     doubles = 1500 + 24 * p + 48 * s + 1.4 * s * m + 1.8 * m * m + 0.22 * s * s
-    if s <= SMALL_STAGE:
+    if s <= SMALL_STAGE and not _compiled_stage(s):
         # small stages are factored in a stacked (s + k)-square form, k = rank(z) * width,
-        # kept in about five copies: this dominates at batch * width near 32
+        # kept in about five copies: this dominates at batch * width near 32 (the
+        # compiled sweeps keep none of them: measured 2-4x less at depth 24)
         k = min(width + 1, batch) * width
         doubles += 5 * (s + k) ** 2
     return 8.0 * doubles
+
+
+def _compiled_stage(s: int) -> bool:
+    """Whether a dense stage with ``B a = s`` runs the compiled sweeps here."""
+    from ..network import dense_stage, dense_stage_jit
+
+    return s <= dense_stage.JIT_M and dense_stage_jit.enabled()
 
 
 def case_memory(depth: int, width: int, batch: int) -> float:

@@ -572,6 +572,11 @@ def available() -> bool:
     return bool(_loaded)
 
 
+def enabled() -> bool:
+    """Whether dense stages built now will use the compiled sweeps (on the host)."""
+    return _enabled and available()
+
+
 @contextlib.contextmanager
 def compiled(enabled: bool = True):
     """Context manager: use (or, with ``False``, bypass) the compiled sweeps.
