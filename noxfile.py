@@ -1,7 +1,9 @@
-"""Nox sessions: ``tests`` (per backend), ``lint``, ``demo``, ``bench``, ``docs``.
+"""Nox sessions: ``tests`` (per backend), ``lint``, ``demo``, ``bench``, ``docs``, ``thorough``.
 
-``nox -s tests`` runs the suite on NumPy and, where CuPy and a CUDA GPU are
-present, again on CuPy; without a GPU the CuPy session skips with the reason.
+``nox -s tests`` runs the suite on NumPy (with the PyTorch and JAX interop
+tests: a CPU torch wheel and curvlinops are installed for them) and, where
+CuPy and a CUDA GPU are present, again on CuPy; without a GPU the CuPy
+session skips with the reason.
 """
 
 from __future__ import annotations
@@ -9,13 +11,28 @@ from __future__ import annotations
 import shutil
 
 import nox
+import nox.command
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 
+# The CPU-only torch wheel: the default torch wheel pulls about 3 GB of CUDA libraries.
+# The interop tests need torch and curvlinops (a reference); they skip without them.
+TORCH_CPU = "torch==2.13.0+cpu"
+INTEROP_TEST = ("curvlinops-for-pytorch>=3",)
+
+
 def _gpu_present() -> bool:
     return shutil.which("nvidia-smi") is not None
+
+
+def _install_interop(session: nox.Session) -> None:
+    """Torch (CPU wheel) and curvlinops for ``tests/interop``; a failure only skips those."""
+    try:
+        session.install(TORCH_CPU, *INTEROP_TEST)
+    except nox.command.CommandFailed:
+        session.warn(f"could not install {TORCH_CPU}; the torch interop tests will skip")
 
 
 @nox.session
@@ -30,9 +47,26 @@ def tests(session: nox.Session, backend: str) -> None:
             )
         extras = "test,gpu"
     session.install("-e", f".[{extras}]")
+    if backend == "numpy":
+        _install_interop(session)
     session.env["BLOCKOPS_TEST_BACKEND"] = backend
     session.env.setdefault("OMP_NUM_THREADS", "1")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def thorough(session: nox.Session) -> None:
+    """Every Hypothesis property at 1000 random draws (``HYPOTHESIS_PROFILE=thorough``).
+
+    Not in the default sessions (CI runs ``nox -s tests``): too long for CI on
+    2 cores. Only the ``@given`` tests run (``-m property``, a marker that
+    ``tests/conftest.py`` adds); the draws are random, so a failure prints the
+    falsifying example to reproduce.
+    """
+    session.install("-e", ".[test]")
+    session.env["HYPOTHESIS_PROFILE"] = "thorough"
+    session.env["OMP_NUM_THREADS"] = "1"
+    session.run("pytest", "-q", "-m", "property", "--hypothesis-show-statistics", *session.posargs)
 
 
 @nox.session
@@ -61,4 +95,5 @@ def bench(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors."""
     session.install("-e", ".[docs,test]")
+    _install_interop(session)  # the torch gallery examples
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
