@@ -716,6 +716,55 @@ def _check_block(layer: TorchLayer, z: np.ndarray, xl: np.ndarray, label: str) -
     return out
 
 
+def _check_sequential(model) -> None:
+    """Refuse what is not an explicit, non-empty chain of per-sample blocks."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_torch: model must be an nn.Sequential, got {type(model).__name__}")
+    if type(model) is not nn.Sequential:
+        raise TypeError(
+            f"from_torch: model is a {type(model).__name__}, not an nn.Sequential; blockops "
+            "needs the chain of per-sample blocks explicitly. Write the model as an "
+            "nn.Sequential, or wrap a per-sample module as nn.Sequential(module) (it then "
+            "goes through TorchLayer as one block)"
+        )
+    if len(model) == 0:
+        raise ValueError("from_torch: the nn.Sequential is empty")
+    if next(model.parameters(recurse=False), None) is not None:
+        raise ValueError(
+            "from_torch: the nn.Sequential has parameters of its own; move them into a child"
+        )
+
+
+def _translate(blocks, i, n):
+    """``(layer, its torch parameters, next index)`` for ``blocks[i]`` taking ``n`` features.
+
+    A ``Linear`` with a bias takes the activation after it (identities skipped) into one
+    ``Dense``; a lone activation becomes ``Elementwise``; anything else a ``TorchLayer``.
+    """
+    label, m = blocks[i]
+    i += 1
+    if type(m) is nn.Linear and m.bias is not None:
+        if m.in_features != n:
+            raise ValueError(
+                f"from_torch: {label} (Linear {m.in_features}->{m.out_features}) gets {n} features"
+            )
+        while i < len(blocks) and _is_identity(blocks[i][1]):
+            i += 1
+        act = "identity"
+        if i < len(blocks) and torch_activation(blocks[i][1]) is not None:
+            act = torch_activation(blocks[i][1])
+            i += 1
+        return Dense(n, m.out_features, act), [m.weight, m.bias], i
+    if torch_activation(m) is not None:
+        return Elementwise(n, torch_activation(m)), [], i
+    _static_check(m, f"{label} ({type(m).__name__})", "from_torch")
+    try:
+        layer = TorchLayer(m, n, name=type(m).__name__)
+    except ValueError as e:
+        raise ValueError(f"from_torch: {label}: {e}") from e
+    return layer, list(m.parameters()), i
+
+
 def torch_pipeline(model, loss, X, *, dtype=None):
     """The blockops :class:`~blockops.network.Pipeline` of a torch model and loss.
 
@@ -738,21 +787,7 @@ def torch_pipeline(model, loss, X, *, dtype=None):
         parameters in the pipeline's layout.
     """
     dt = _np_dtype(dtype)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"from_torch: model must be an nn.Sequential, got {type(model).__name__}")
-    if type(model) is not nn.Sequential:
-        raise TypeError(
-            f"from_torch: model is a {type(model).__name__}, not an nn.Sequential; blockops "
-            "needs the chain of per-sample blocks explicitly. Write the model as an "
-            "nn.Sequential, or wrap a per-sample module as nn.Sequential(module) (it then "
-            "goes through TorchLayer as one block)"
-        )
-    if len(model) == 0:
-        raise ValueError("from_torch: the nn.Sequential is empty")
-    if next(model.parameters(recurse=False), None) is not None:
-        raise ValueError(
-            "from_torch: the nn.Sequential has parameters of its own; move them into a child"
-        )
+    _check_sequential(model)
     Xn = _as_numpy(X, dt)
     if Xn.ndim != 2 or Xn.shape[0] < 1:
         raise ValueError(
@@ -765,35 +800,11 @@ def torch_pipeline(model, loss, X, *, dtype=None):
     z = Xn
     i = 0
     while i < len(blocks):
-        label, m = blocks[i]
-        n = z.shape[1]
-        i += 1
-        if _is_identity(m):
+        label = blocks[i][0]
+        if _is_identity(blocks[i][1]):
+            i += 1
             continue
-        if type(m) is nn.Linear and m.bias is not None:
-            if m.in_features != n:
-                raise ValueError(
-                    f"from_torch: {label} (Linear {m.in_features}->{m.out_features}) gets "
-                    f"{n} features"
-                )
-            while i < len(blocks) and _is_identity(blocks[i][1]):
-                i += 1
-            act = "identity"
-            if i < len(blocks) and torch_activation(blocks[i][1]) is not None:
-                act = torch_activation(blocks[i][1])
-                i += 1
-            layer = Dense(n, m.out_features, act)
-            own = [m.weight, m.bias]
-        elif torch_activation(m) is not None:
-            layer = Elementwise(n, torch_activation(m))
-            own = []
-        else:
-            _static_check(m, f"{label} ({type(m).__name__})", "from_torch")
-            try:
-                layer = TorchLayer(m, n, name=type(m).__name__)
-            except ValueError as e:
-                raise ValueError(f"from_torch: {label}: {e}") from e
-            own = list(m.parameters())
+        layer, own, i = _translate(blocks, i, z.shape[1])
         xl = np.concatenate(
             [np.zeros(0, dt)] + [p.detach().cpu().reshape(-1).to(_FLOAT[dt]).numpy() for p in own]
         )
