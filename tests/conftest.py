@@ -6,7 +6,9 @@ or ``cupy``; CuPy-only tests skip with a reason when no GPU is present.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -45,9 +47,59 @@ def pytest_configure(config):
     )
 
 
+# Every jax.jit compilation (the JAX references compile once per pipeline structure,
+# and random structures rarely repeat) maps ~9 memory regions that JAX keeps while
+# the compiled function is cached. A thorough run of one property compiles thousands:
+# at vm.max_map_count (65530 by default) XLA's next compilation segfaults. So, every
+# _TRIM_EVERY examples, JAX's caches are cleared once half the limit is in use (the
+# cached jitted functions stay valid and recompile on their next call).
+_TRIM_EVERY = 25
+_examples_run = 0
+
+
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530
+
+
+_MAPS_TRIM_AT = _max_map_count() // 2
+
+
+def _trim_jax_caches() -> None:
+    global _examples_run
+    _examples_run += 1
+    if _examples_run % _TRIM_EVERY or "jax" not in sys.modules:
+        return
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            in_use = sum(1 for _ in f)
+    except OSError:  # not Linux: no such limit to guard
+        return
+    if in_use > _MAPS_TRIM_AT:
+        sys.modules["jax"].clear_caches()
+
+
+def _trimming(inner):
+    """``inner`` (a Hypothesis ``inner_test``) trimming JAX's caches before each example."""
+    if getattr(inner, "_trims_jax_caches", False):  # collected twice: wrap once
+        return inner
+
+    @functools.wraps(inner)
+    def run(*args, **kwargs):
+        _trim_jax_caches()
+        return inner(*args, **kwargs)
+
+    run._trims_jax_caches = True
+    return run
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """Mark every ``@given`` test ``property``; under "thorough", lift its own cap.
+    """Mark every ``@given`` test ``property``, trim JAX's caches between its examples
+    (see ``_trim_jax_caches``) and, under "thorough", lift its own cap.
 
     The slow properties (JAX references) cap their draws with
     ``@settings(max_examples=k)`` for the ci run; that cap must not shrink the
@@ -61,6 +113,7 @@ def pytest_collection_modifyitems(config, items):
         if not getattr(fn, "is_hypothesis_test", False):
             continue
         item.add_marker(pytest.mark.property)
+        fn.hypothesis.inner_test = _trimming(fn.hypothesis.inner_test)  # as pytest-asyncio does
         if PROFILE != "thorough":
             continue
         own = getattr(fn, "_hypothesis_internal_use_settings", None)

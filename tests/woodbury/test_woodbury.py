@@ -194,10 +194,13 @@ def _check_against_jax(kind, a, depth, seed, loss, damping):
     assert np.array_equal(g, g0)  # caller's array untouched
     want = np.linalg.solve(Href, g)
     cond = route_cond(Hinv.route)
-    # Past cond ~ 1e13 the float64 route certifies nothing (the route warns; see
-    # test_condition_warning). Below it the eps·cond bound is capped at 1e-7 so
-    # that it can fail: the errors seen on 60 draws were <= 1.4e-9.
-    assume(cond <= 1e13)
+    # The route's float64 error is c·eps·cond, c <= 23 on 1500 draws of the dense
+    # family (<= 1 for the diagonal ones). The bound below is capped at 1e-7 so that
+    # it can fail; that cap holds only while 23·eps·cond < 1e-7, i.e. cond <= 1e7:
+    # the former cond <= 1e13 let a thorough run draw a=2, depth=2, seed=98,
+    # damping=0 (cond 2.1e12, error 1.9e-7, ~4e-4 of eps·cond). Past ~1e13 the route
+    # certifies nothing (it warns; see test_condition_warning).
+    assume(cond <= 1e7)
     assert rel(got, want) < min(1e-13 * cond, 1e-7), (rel(got, want), cond)
     return rel(got, want), cond
 
