@@ -24,11 +24,13 @@ __all__ = [
     "check_dtype",
     "check_finite",
     "check_int",
+    "check_layer_damping",
     "check_mixed_backends",
     "check_on_backend",
     "check_same_backend",
     "check_shape",
     "check_vector",
+    "layer_dampings",
     "result_dtype",
 ]
 
@@ -55,6 +57,48 @@ def check_damping(owner: str, damping: Any) -> float:
     if not np.isfinite(lam) or lam < 0:
         raise ValueError(f"{owner}: damping={lam}; expected a finite value >= 0")
     return lam
+
+
+def check_layer_damping(owner: str, damping: Any, layers) -> float | tuple:
+    """``λ`` of the exact inverse: one real number, or one per layer; any sign.
+
+    A negative value factors ``H − σI`` with ``σ = −λ`` (a signed shift: the
+    inertia then counts the eigenvalues of ``H`` below ``σ``). A sequence holds
+    one value per entry of ``layers`` (those of parameter-free layers are
+    unused); all equal collapses to the float.
+    """
+    if np.ndim(damping) == 0:
+        try:
+            lam = float(damping)
+        except (TypeError, ValueError):
+            raise TypeError(f"{owner}: damping={damping!r}; expected a real number") from None
+        if not np.isfinite(lam):
+            raise ValueError(f"{owner}: damping={lam}; expected a finite value")
+        return lam
+    try:
+        lams = np.asarray(damping, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: damping is not a sequence of real numbers") from None
+    if lams.shape != (len(layers),):
+        raise ValueError(
+            f"{owner}: damping has shape {lams.shape}; expected a number or one value per "
+            f"layer ({len(layers)},)"
+        )
+    if not np.all(np.isfinite(lams)):
+        bad = int(np.flatnonzero(~np.isfinite(lams))[0])
+        name = layers[bad].name
+        raise ValueError(f"{owner}: damping[{bad}] = {lams[bad]} ({name}) is not finite")
+    used = [float(v) for v, ly in zip(lams, layers) if ly.n_params]
+    if used and all(v == used[0] for v in used):
+        return used[0]
+    return tuple(float(v) if ly.n_params else 0.0 for v, ly in zip(lams, layers))
+
+
+def layer_dampings(damping, n_layers: int) -> tuple:
+    """Per-layer ``λ_l`` of a checked damping (a float or a per-layer tuple)."""
+    if isinstance(damping, tuple):
+        return damping
+    return (float(damping),) * n_layers
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:

@@ -71,6 +71,13 @@ def damping_hint(damping: float, dtype) -> str:
     ``1e-6 ||H||`` keeps float64 pivots well clear of the criterion, about
     ``1e-3 ||H||`` float32 ones.
     """
+    if isinstance(damping, tuple):  # per-layer: the smallest one is the suspect
+        damping = min(damping)
+    if damping < 0:
+        return (
+            f"the shift sigma = {-damping:.6g} (damping {damping:.1e}) is at or very near an "
+            "eigenvalue of H: move it slightly"
+        )
     scale = "1e-3" if np.dtype(dtype) == np.float32 else "1e-6"
     now = f"above the current {damping:.1e}" if damping > 0 else "(now 0)"
     return f"increase damping {now}, e.g. to {scale} * ||H|| in {np.dtype(dtype).name}"

@@ -132,6 +132,14 @@ class BandedLU:
         """Factor a :class:`~blockops.operators.BlockTridiagonal`-like ``T``."""
         return cls(T.iter_blocks(), T.offsets, T.dtype, T.name)
 
+    def __getstate__(self):
+        """Pickle without LAPACK's gbtrs (a routine does not pickle; fetched again)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_gbtrs"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._gbtrs = get_lapack_funcs("gbtrs", (self.lu,))
+
     def solve(self, rhs, trans: bool = False):
         # A = R^-1 (R A C) C^-1: solve with the equilibrated factor, then undo the scaling
         b = rhs.reshape(rhs.shape[0], -1)
@@ -203,6 +211,17 @@ class BlockQR:
             self.Q.append(Q)
             self.R.append(Rkk)
         self.logdet = float(sum(xp.sum(xp.log(xp.abs(xp.diagonal(R)))) for R in self.R))
+
+    def __getstate__(self):
+        """Pickle without the array module and its linalg (modules do not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("xp", "_linalg")}
+
+    def __setstate__(self, state):
+        from .arrays import get_array_module
+
+        self.__dict__.update(state)
+        self.xp = get_array_module(*self.R)
+        self._linalg = get_linalg(self.xp)
 
     @classmethod
     def of_entries(cls, entries, offsets, dtype, xp, name="BlockQR"):

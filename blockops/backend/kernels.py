@@ -101,6 +101,14 @@ class _GenericSymmetric:
         self._w = xp.linalg.eigvalsh(Q)
         self.lu = get_linalg(xp).lu_factor(Q, check_finite=False) if Q.shape[0] else None
 
+    def __getstate__(self):
+        """Pickle without the array module (a module does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.xp = get_array_module(self._w)
+
     @property
     def rcond(self) -> float:
         """``min|w| / max|w|`` (the 2-norm reciprocal condition): one scalar to the host."""
@@ -149,6 +157,14 @@ class _HostCholesky:
     def __init__(self, L, trtrs, potrs):
         self.L, self._trtrs, self._potrs = L, trtrs, potrs
 
+    def __getstate__(self):
+        """Pickle the factor only: LAPACK routines do not pickle and are fetched again."""
+        return {"L": self.L}
+
+    def __setstate__(self, state):
+        self.L = state["L"]
+        self._trtrs, self._potrs = lapack.get_lapack_funcs(("trtrs", "potrs"), dtype=self.L.dtype)
+
     def pivots(self):
         return self.L.diagonal() ** 2
 
@@ -184,6 +200,15 @@ class _LU:
     def __init__(self, T, lu=None, getrs=None):
         self.T, self.lu, self._getrs = T, lu, getrs
         self.xp = get_array_module(T)
+
+    def __getstate__(self):
+        """Pickle the factor only: the array module and LAPACK's getrs are fetched again."""
+        return {"T": self.T, "lu": self.lu}
+
+    def __setstate__(self, state):
+        self.T, self.lu = state["T"], state["lu"]
+        self.xp = get_array_module(self.T)
+        self._getrs = None if self.lu is None else lapack.get_lapack_funcs("getrs", (self.lu[0],))
 
     def pivots(self):
         """``|diag U|`` (host), or ``None`` (generic: see :func:`pivot_magnitudes`)."""

@@ -4,12 +4,15 @@
 right-hand sides with refinement and a residual certificate. The
 factorisations (:mod:`~blockops.inverse.factorization`) are the stagewise
 sweep (:mod:`~blockops.inverse.stagewise`) and the pivoted banded KKT LU
-(:mod:`~blockops.inverse.banded_kkt`).
+(:mod:`~blockops.inverse.banded_kkt`). Selected inversion
+(:mod:`~blockops.inverse.selected`) reads the diagonal and diagonal blocks
+of the inverse off the stagewise factorisation.
 """
 
 from .banded_kkt import BandedKKT
 from .factorization import Factorization, plan
 from .operator import InverseHessian, inverse_hessian
+from .selected import inverse_diagonal, inverse_diagonal_blocks
 from .stagewise import ExplicitStage, StagewiseFactor, stages_from_point
 
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "Factorization",
     "InverseHessian",
     "StagewiseFactor",
+    "inverse_diagonal",
+    "inverse_diagonal_blocks",
     "inverse_hessian",
     "plan",
     "stages_from_point",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import layer_dampings
 from ..backend import factor_symmetric_banded, get_array_module
 from ..singular import SingularBlockError, damping_hint
 
@@ -62,13 +63,15 @@ class BandedKKT:
     ----------
     point : Point
         The linearised pipeline.
-    damping : float
-        ``λ ≥ 0``.
+    damping : float or tuple
+        ``λ`` (any sign), or one per layer.
     """
 
     def __init__(self, point, damping=0.0):
         layers = point.layers
-        self.layers, self.damping, self.dtype = layers, float(damping), np.dtype(point.dtype)
+        self.layers, self.dtype = layers, np.dtype(point.dtype)
+        self.damping = damping if isinstance(damping, tuple) else float(damping)
+        self._lams = layer_dampings(self.damping, len(layers))
         self.xp = get_array_module(point.params)
         offs, pos, xidx = [], 0, []
         for ly in layers:  # dx_l at pos, mu_l at pos + p, dz_l at pos + p + B n_out
@@ -92,11 +95,20 @@ class BandedKKT:
             ) from None
         self.logdet = self._fac.logdet
 
+    def __getstate__(self):
+        """Pickle without the array module (a module does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}
+
+    def __setstate__(self, state):
+        """Restore a pickled factor; its array module is that of its arrays."""
+        self.__dict__.update(state)
+        self.xp = get_array_module(self._xsel)
+
     def _entries(self, point):
         """Yield ``(row0, col0, dense block)`` of the symmetric lifted matrix."""
-        xp, lam, dt, Bn = self.xp, self.damping, self.dtype, point.batch_size
+        xp, dt, Bn = self.xp, self.dtype, point.batch_size
         prev_z = None  # where dz_{l-1} sits
-        for l, (ly, c, b) in enumerate(zip(point.layers, point.caches, point.bs)):
+        for l, (ly, c, b, lam) in enumerate(zip(point.layers, point.caches, point.bs, self._lams)):
             p, n_in, n_out = ly.n_params, Bn * ly.n_in, Bn * ly.n_out
             Bx = xp.asarray(ly.jacobian_x(c), dt).reshape(n_out, p)
             Kzz, Kxz, Kxx = ly.hessian_blocks(c, b)

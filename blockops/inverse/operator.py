@@ -45,10 +45,11 @@ from .._checks import (
     KINDS,
     PRECISIONS,
     check_choice,
-    check_damping,
     check_finite,
     check_int,
+    check_layer_damping,
     check_vector,
+    layer_dampings,
 )
 from ..backend import blas_threads, get_array_module
 from ..hessian import ggn_vp, hvp
@@ -111,11 +112,10 @@ class InverseHessian(ArrayOperands, LinearOperator):
         kind="hessian",
     ):
         owner = "inverse_hessian"
-        self._args = (point, damping, method, refine, precision, check, rtol, threads, kind)
         self.kind = check_choice(owner, "kind", kind, KINDS)
         check_choice(owner, "method", method, tuple(m for m in METHODS if m != "woodbury"))
         check_choice(owner, "precision", precision, PRECISIONS)
-        self.damping = check_damping(owner, damping)
+        self.damping = check_layer_damping(owner, damping, point.layers)
         self.refine = check_int(owner, "refine", refine, 0)
         self.threads = check_int(owner, "threads", threads, 1)
         self.point, self.check = point, bool(check)
@@ -132,9 +132,18 @@ class InverseHessian(ArrayOperands, LinearOperator):
         self.info["factor_time"] = time.perf_counter() - t0
         self._inertia = None
 
-    def __reduce__(self):
-        """Pickle as the arguments: the factorisation is redone where it is unpickled."""
-        return type(self), self._args
+    def __getstate__(self):
+        """Pickle the factor itself: unpickling (a Dask worker, a process pool) never factors.
+
+        The result solves exactly as this operator does (same factor, same refinement).
+        The working point, a cast or Gauss-Newton copy of :attr:`point`, is rebuilt on
+        unpickling instead of shipped.
+        """
+        return {**self.__dict__, "_fpoint": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fpoint = self._working_point(self.work_dtype)
 
     @property
     def xp(self):
@@ -183,7 +192,17 @@ class InverseHessian(ArrayOperands, LinearOperator):
     # -- certificates ----------------------------------------------------------
     def _apply_H(self, X):
         prod = ggn_vp if self.kind == "ggn" else hvp
-        return prod(self.point, X) + self.damping * X
+        return prod(self.point, X) + self._damping_column() * X
+
+    def _damping_column(self):
+        """``λ`` as a scalar, or per layer as an ``(n, 1)`` column of ``λ_l`` repeated ``p_l``."""
+        if not isinstance(self.damping, tuple):
+            return self.damping
+        if getattr(self, "_lam_col", None) is None:
+            sizes = [ly.n_params for ly in self.point.layers]
+            lam = np.repeat(layer_dampings(self.damping, len(sizes)), sizes)
+            self._lam_col = self.xp.asarray(lam, dtype=self.point.dtype)[:, None]
+        return self._lam_col
 
     def residual(self, g, x=None):
         """Relative residual ``‖(H + λI) x − g‖ / ‖g‖`` (one fused HVP).
@@ -240,6 +259,18 @@ class InverseHessian(ArrayOperands, LinearOperator):
         w = xp.linalg.eigvalsh(0.5 * (Hd + Hd.T))
         tol = n * np.finfo(w.dtype).eps * float(xp.abs(w).max())
         return (int((w < -tol).sum()), int((abs(w) <= tol).sum()), int((w > tol).sum()))
+
+    def diagonal(self):
+        """``diag((H + λI)⁻¹)`` exactly (:func:`~blockops.inverse.inverse_diagonal`)."""
+        from .selected import inverse_diagonal
+
+        return inverse_diagonal(self)
+
+    def diagonal_blocks(self):
+        """Per-layer ``[(H + λI)⁻¹]_{ll}`` (:func:`~blockops.inverse.inverse_diagonal_blocks`)."""
+        from .selected import inverse_diagonal_blocks
+
+        return inverse_diagonal_blocks(self)
 
     # -- solves ------------------------------------------------------------------
     def _check_rhs(self, g):
@@ -335,8 +366,13 @@ def inverse_hessian(
     point : Point or Pipeline
         A linearised pipeline, or a ``Pipeline`` followed by ``params`` and
         ``(X, y)`` (``inverse_hessian(net, x, (X, y), damping=...)``).
-    damping : float
-        ``λ ≥ 0``.
+    damping : float or sequence of float
+        ``λ``: one real number, or one per layer of ``point.layers`` (``H + D``
+        with ``D = diag(λ_l I_{p_l})``, e.g. a per-layer prior precision;
+        parameter-free layers' entries are unused). Any sign: a negative value
+        factors ``H − σI`` with ``σ = −λ``, whose ``inertia`` counts the
+        eigenvalues of ``H`` below ``σ`` (Sylvester's law; see
+        :mod:`blockops.spectral`). ``H + λI`` must be nonsingular.
     method : {"auto", "riccati", "kkt", "banded", "woodbury"}
         See the module docstring. ``"auto"`` runs the stagewise sweep and
         falls back to the pivoted banded LU on a singular stage pivot.

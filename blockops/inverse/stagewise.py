@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import layer_dampings
 from ..backend import factor_symmetric, get_array_module
 from ..singular import SingularBlockError, damping_hint, singular_pivots
 from ..singular import upper_first as _upper_first
@@ -121,6 +122,15 @@ class ExplicitStage:
         self.n_in, self.n_out, self.p = B * n_prev, B * n, Bx.shape[1]
         self.nlayers = 1
         self.xp = get_array_module(A, Bx, Kzz, Kxz, Kxx)
+
+    def __getstate__(self):
+        """Pickle without the array module (a module does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k != "xp"}
+
+    def __setstate__(self, state):
+        """Restore a pickled stage; its array module is that of its arrays, as in ``__init__``."""
+        self.__dict__.update(state)
+        self.xp = get_array_module(self.A, self.Bx, self.Kzz, self.Kxz, self.Kxx)
 
     @property
     def inertia(self):
@@ -239,6 +249,9 @@ def explicit_stage(layer, cache, b, damping, index):
 def stages_from_point(point, damping, structured=True):
     """Stage list for :class:`StagewiseFactor`.
 
+    ``damping`` is a float or one ``λ_l`` per layer (any sign: a negative one
+    is a shift ``H − σI``).
+
     Consecutive layers with one non-``None`` ``stage_key`` get the structured
     stages their class registers (``Layer.structured_stages``); every other
     layer an :class:`ExplicitStage`. ``structured=False`` makes every stage
@@ -246,16 +259,17 @@ def stages_from_point(point, damping, structured=True):
     """
     layers, caches, bs = point.layers, point.caches, point.bs
     stages, j, L = [], 0, len(layers)
+    lams = layer_dampings(damping, L)
     while j < L:
         key = layers[j].stage_key() if structured else None
         if key is None:
-            stages.append(explicit_stage(layers[j], caches[j], bs[j], damping, j + 1))
+            stages.append(explicit_stage(layers[j], caches[j], bs[j], lams[j], j + 1))
             j += 1
             continue
-        e = j + 1
-        while e < L and layers[e].stage_key() == key:
+        e = j + 1  # a structured run shares one damping (a per-layer prior splits it)
+        while e < L and layers[e].stage_key() == key and lams[e] == lams[j]:
             e += 1
         build = type(layers[j]).structured_stages
-        stages += build(layers[j:e], caches[j:e], bs[j:e], damping, j + 1)
+        stages += build(layers[j:e], caches[j:e], bs[j:e], lams[j], j + 1)
         j = e
     return stages

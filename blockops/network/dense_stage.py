@@ -152,7 +152,7 @@ class DenseSegment:
         rho = Q.shape[2]
         self.rho, self.k = rho, rho * a
         self.full = rho == r
-        if not self.full and lam <= 0:
+        if not self.full and lam == 0:
             raise SingularBlockError(
                 f"stagewise (low-rank) sweep: {layers[0].name} has {a * r} parameters but only "
                 f"B*a = {B * a} curvature directions, so its stage pivot Q_uu is singular "
@@ -172,6 +172,28 @@ class DenseSegment:
         self._jit = _compiled_kernels(xp, dt) if B * a <= JIT_M else None
         if self.small and self._jit is None:
             self._precompute_small()
+
+    def __getstate__(self):
+        """Pickle the factor without its array module and compiled kernels (neither pickles).
+
+        ``_jit`` becomes a flag: :meth:`__setstate__` fetches the kernels again (numba
+        loads them from its cache) and takes the array module from the stored arrays.
+        """
+        state = {k: v for k, v in self.__dict__.items() if k not in ("xp", "_jit")}
+        state["_jit"] = self._jit is not None
+        return state
+
+    def __setstate__(self, state):
+        """Restore a pickled segment as it was factored (no sweep runs again)."""
+        self.__dict__.update(state)
+        self.xp = get_array_module(self.W)
+        self._jit = _compiled_kernels(self.xp, self.dtype) if state["_jit"] else None
+        if state["_jit"] and self._jit is None:  # its arrays are in the compiled sweeps' layout
+            raise RuntimeError(
+                f"DenseSegment ({self.layers[0].name}, ...): this factor was computed by the "
+                "compiled sweeps; unpickle it where numba is installed and the sweeps are on "
+                "(not inside compiled(False), nor with BLOCKOPS_JIT=0), or factor again there"
+            )
 
     def _precompute_small(self):
         L, a, B, k, lam = self.nlayers, self.a, self.B, self.k, self.damping
@@ -393,7 +415,8 @@ class DenseSegment:
         ``ud`` (L, k): ``|diag U|`` of the LU of each ``T`` (LAPACK path) or
         ``|eigenvalues|`` of ``T`` (generic path); both multiply to ``|det T|``.
         """
-        xp, lam, extra = self.xp, self.damping, self.pl - self.k
+        # Q_uu has the eigenvalues of T and p - k more equal to lam (any sign: a shift)
+        xp, lam, extra = self.xp, abs(self.damping), self.pl - self.k
         big, small = ud.max(axis=1), ud.min(axis=1)
         if extra:
             big, small = xp.maximum(big, lam), xp.minimum(small, lam)
@@ -418,7 +441,15 @@ class DenseSegment:
         else:
             Ts = self.T if self.small else self._Ts_lu
         neg = count_negative(self.xp, Ts, self._eigT)
+        if self.damping < 0:  # the p - k eigenvalues lam of each Q_uu outside T's range
+            neg += (self.pl - self.k) * self.nlayers
         return (neg, 0, self.pl * self.nlayers - neg)
+
+    def selected_inverse(self, Pi, blocks=False):
+        """Diagonal (``blocks``: per-layer blocks) of the inverse here (:mod:`.dense_selected`)."""
+        from .dense_selected import dense_selected_inverse
+
+        return dense_selected_inverse(self, Pi, blocks)
 
     # -- solves --------------------------------------------------------------
     # Right-hand sides carry kc columns; per layer the parameters are the matrix

@@ -221,7 +221,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="shape"):
         Hi.solve(np.ones(n + 1))
     with pytest.raises(ValueError, match="damping"):
-        inverse_hessian(pt, damping=-1.0)
+        inverse_hessian(pt, damping=float("nan"))
     with pytest.raises(ValueError, match="method"):
         inverse_hessian(pt, method="cholesky")
     with pytest.warns(RuntimeWarning, match="residual"):

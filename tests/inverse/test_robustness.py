@@ -119,8 +119,9 @@ def test_residual_refuses_a_mismatched_shape():
         {"threads": 0},
         {"threads": None},
         {"rtol": float("nan")},
-        {"damping": -1.0},
+        {"damping": float("nan")},  # negative damping is a signed shift: tests/inverse/test_shifts
         {"damping": float("inf")},
+        {"damping": [1.0, 2.0]},  # per-layer needs one value per layer
         {"kind": "gn"},
         {"precision": "half"},
     ],
