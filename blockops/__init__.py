@@ -16,7 +16,9 @@ contract), :mod:`blockops.operators` and :mod:`blockops.backend`.
 
 from . import backend, operators, solvers
 from .hessian import FusedHessian, hessian_parts, hvp, literal_hessian
+from .influence import InfluenceScores, influence_scores, per_sample_gradients
 from .inverse import InverseHessian, inverse_hessian
+from .laplace import LaplaceGGN
 from .network import (
     AuxiliaryScalarLoss,
     Bias,
@@ -44,7 +46,9 @@ __all__ = [
     "Dense",
     "Elementwise",
     "FusedHessian",
+    "InfluenceScores",
     "InverseHessian",
+    "LaplaceGGN",
     "Layer",
     "MSELoss",
     "Pipeline",
@@ -58,9 +62,11 @@ __all__ = [
     "backend",
     "hessian_parts",
     "hvp",
+    "influence_scores",
     "inverse_hessian",
     "literal_hessian",
     "operators",
+    "per_sample_gradients",
     "solvers",
     "woodbury_inverse",
 ]

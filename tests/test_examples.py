@@ -111,6 +111,13 @@ def _torch_influence(g):
     assert g["Hinv"].inertia[:2] == (0, 0)
 
 
+def _laplace_evidence(g):
+    assert g["err_lml"] < 1e-10 and g["err_grad"] < 1e-6 and g["grad_opt"] < 1e-5
+    assert g["curve"].max() <= g["lml"] + 1e-9  # the optimum beats every grid point
+    assert g["lml_layers"] >= g["lml"] - 1e-9
+    assert g["var"].shape == (len(g["X_plot"]), 1) and (g["var"] > 0).all()
+
+
 CHECKS = {
     "plot_dobbs_functional_inverse": _dobbs,
     "plot_r_operator": _r_operator,
@@ -120,6 +127,7 @@ CHECKS = {
     "plot_composing_parts": _composing,
     "plot_torch_newton": _torch_newton,
     "plot_torch_influence": _torch_influence,
+    "plot_laplace_evidence": _laplace_evidence,
 }
 
 
