@@ -1,4 +1,5 @@
-"""Nox sessions: ``tests`` (per backend), ``lint``, ``demo``, ``bench``, ``docs``, ``thorough``.
+"""Nox sessions: ``tests`` (per backend), ``lint``, ``demo``, ``bench``, ``docs``, ``thorough``,
+``mpi``.
 
 ``nox -s tests`` runs the suite on NumPy (with the PyTorch and JAX interop
 tests: a CPU torch wheel and curvlinops are installed for them) and, where
@@ -52,6 +53,26 @@ def tests(session: nox.Session, backend: str) -> None:
     session.env["BLOCKOPS_TEST_BACKEND"] = backend
     session.env.setdefault("OMP_NUM_THREADS", "1")
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def mpi(session: nox.Session) -> None:
+    """The depth-partitioned Hessian and exact solve under ``mpiexec -n 2`` and ``-n 4``.
+
+    MPI comes from PyPI (the ``mpich`` wheel ships ``mpiexec``), so no system
+    package is needed; ``tests/distributed/test_mpi.py`` launches
+    ``tests/distributed/mpi_check.py`` on 2 and 4 ranks, and
+    ``test_partition.py`` checks the per-rank pieces serially.
+    """
+    session.install("-e", ".[test,mpi]")
+    session.env["OMP_NUM_THREADS"] = "1"
+    session.run(
+        "pytest",
+        "-q",
+        "tests/distributed/test_mpi.py",
+        "tests/distributed/test_partition.py",
+        *session.posargs,
+    )
 
 
 @nox.session
