@@ -30,6 +30,7 @@ from .banded import BandedLU, BlockQR, factor_banded, factor_symmetric_banded
 from .kernels import (
     count_negative,
     factor_symmetric,
+    getrs_guard,
     pivot_factorizer,
     pivot_magnitudes,
     pivot_solver,
@@ -54,6 +55,7 @@ __all__ = [
     "get_array_module",
     "get_linalg",
     "get_sparse_linalg",
+    "getrs_guard",
     "host_lapack",
     "is_cupy_array",
     "pivot_factorizer",

@@ -26,6 +26,7 @@ kernels report (``|pivots|``, or ``|eigenvalues|`` on the generic path).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -36,6 +37,7 @@ from .arrays import get_array_module, get_linalg, host_lapack
 __all__ = [
     "count_negative",
     "factor_symmetric",
+    "getrs_guard",
     "pivot_factorizer",
     "pivot_magnitudes",
     "pivot_solver",
@@ -146,6 +148,11 @@ def factor_symmetric(Q):
 # threads call it at once (free(): invalid next size; 4 threads solving with one factor),
 # while getrf, gesv, posv, potrs and sytrs do not: host getrs calls take this lock.
 _GETRS_LOCK = threading.Lock()
+
+
+def getrs_guard(xp):
+    """The lock every host ``getrs`` call takes (see above); a no-op on other backends."""
+    return _GETRS_LOCK if host_lapack(xp) else contextlib.nullcontext()
 
 
 # -- symmetric, usually definite (the dense layer's reduced pivots T) ----------------

@@ -31,7 +31,7 @@ from .._checks import (
     check_on_backend,
     result_dtype,
 )
-from ..backend import backend_name, get_array_module, get_linalg, is_cupy_array
+from ..backend import backend_name, get_array_module, get_linalg, getrs_guard, is_cupy_array
 from ..singular import singular_pivots
 
 __all__ = [
@@ -281,10 +281,12 @@ class _DenseLU(BlockOperator):
         super().__init__(dtype=A.dtype, shape=(n, n), name=f"{owner}.{what}^-1")
 
     def _matmat(self, X):
-        return self._lu_mod.lu_solve(self._lu, X, trans=0, check_finite=False)
+        with getrs_guard(self.xp):  # host getrs is not thread-safe (backend.kernels)
+            return self._lu_mod.lu_solve(self._lu, X, trans=0, check_finite=False)
 
     def _rmatmat(self, X):
-        return self._lu_mod.lu_solve(self._lu, X, trans=1, check_finite=False)
+        with getrs_guard(self.xp):
+            return self._lu_mod.lu_solve(self._lu, X, trans=1, check_finite=False)
 
 
 def dense_inverse(op_or_array, owner: str, what: str, xp: Any = None) -> BlockOperator:

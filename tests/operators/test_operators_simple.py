@@ -269,3 +269,34 @@ def test_rectangular_ops_in_krylov(xp, rng):
         x, info = solver(A, y, rtol=1e-12, maxiter=100)
         assert info == 0
         np.testing.assert_allclose(x, np.linalg.solve(Ad, y), rtol=1e-8)
+
+
+def test_dense_inverse_is_safe_under_threads():
+    """One LU-factored block inverse solved from four threads at once equals serial solves.
+
+    Host ``getrs`` of SciPy's OpenBLAS corrupts the heap when called
+    concurrently; the block inverse takes the backend's getrs lock.
+    """
+    import threading
+
+    from blockops.operators._common import dense_inverse
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 40)) + 40 * np.eye(40)
+    Ainv = dense_inverse(A, "test", "A")
+    B = rng.standard_normal((40, 8))
+    want = np.linalg.solve(A, B)
+    out = [[] for _ in range(4)]
+
+    def work(k):
+        out[k] = [Ainv.matmat(B) for _ in range(50)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for res in out:
+        assert len(res) == 50
+        for X in res:
+            np.testing.assert_allclose(X, want, rtol=1e-12, atol=1e-14)
