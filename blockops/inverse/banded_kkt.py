@@ -42,9 +42,9 @@ import numpy as np
 
 from .._checks import layer_dampings
 from ..backend import factor_symmetric_banded, get_array_module
-from ..singular import SingularBlockError, damping_hint
+from ..singular import SingularBlockError, damping_hint, singular_pivots
 
-__all__ = ["BandedKKT"]
+__all__ = ["BandedKKT", "kkt_inertia"]
 
 
 def _block_diagonal(xp, blocks, rows, cols):
@@ -69,6 +69,24 @@ class BandedKKT:
 
     def __init__(self, point, damping=0.0):
         layers = point.layers
+        self._layout(point, damping)
+        offs, pos = self._offs, self.N
+        entries = list(self._entries(point))
+        try:
+            self._fac = factor_symmetric_banded(entries, [*offs, pos], self.dtype, self.xp, "KKT")
+        except SingularBlockError as err:
+            l = err.layer
+            raise SingularBlockError(
+                f"BandedKKT: the pivoted factorisation of the lifted KKT system is numerically "
+                f"singular in block row {l} ({layers[l - 1].name}): H + damping*I is singular "
+                f"or nearly so; {damping_hint(self.damping, self.dtype)}.",
+                layer=l,
+            ) from None
+        self.logdet = self._fac.logdet
+
+    def _layout(self, point, damping):
+        """Where each layer's ``(dx_l, μ_l, dz_l)`` rows sit in the lifted system."""
+        layers = point.layers
         self.layers, self.dtype = layers, np.dtype(point.dtype)
         self.damping = damping if isinstance(damping, tuple) else float(damping)
         self._lams = layer_dampings(self.damping, len(layers))
@@ -82,18 +100,6 @@ class BandedKKT:
         self.xidx = np.concatenate(xidx)
         self.n = self.xidx.size
         self._xsel = self.xp.asarray(self.xidx)
-        entries = list(self._entries(point))
-        try:
-            self._fac = factor_symmetric_banded(entries, [*offs, pos], self.dtype, self.xp, "KKT")
-        except SingularBlockError as err:
-            l = err.layer
-            raise SingularBlockError(
-                f"BandedKKT: the pivoted factorisation of the lifted KKT system is numerically "
-                f"singular in block row {l} ({layers[l - 1].name}): H + damping*I is singular "
-                f"or nearly so; {damping_hint(self.damping, self.dtype)}.",
-                layer=l,
-            ) from None
-        self.logdet = self._fac.logdet
 
     def __getstate__(self):
         """Pickle without the array module (a module does not pickle)."""
@@ -135,3 +141,58 @@ class BandedKKT:
         rhs = self.xp.zeros((self.N, G.shape[1]), self.dtype)
         rhs[self._xsel] = G
         return self._fac.solve(rhs)[self._xsel]
+
+
+def kkt_inertia(point, damping=0.0):
+    r"""Inertia of ``H + λI`` from the lifted KKT matrix ``K`` by block ``LDLᵀ``.
+
+    ``K = [[H_lift, Aᵀ], [A, 0]]`` with the constraint Jacobian ``A = [M, −D_x]``
+    of full row rank ``m = Σ_l B n_l`` (``M`` is unit block-triangular) and null
+    space ``Z = [M⁻¹ D_x; I]``, whose reduced Hessian ``Zᵀ H_lift Z`` is
+    ``H + λI``. Hence (Gould 1985; Haynsworth)
+    ``In(K) = In(H + λI) + (m, 0, m)``, and ``In(K)`` is the sum of the inertias
+    of the Schur complements ``S_l = K_ll − K_{l,l-1} S_{l-1}⁻¹ K_{l-1,l}`` of the
+    block-tridiagonal layer ordering, each factored by Bunch-Kaufman. Unlike the
+    stagewise sweep this ordering keeps ``μ_l`` and ``dz_l`` in every block, so a
+    singular ``Q_uu`` (an undamped low-rank stage) does not stop it.
+
+    Raises :class:`~blockops.SingularBlockError` when some ``S_l`` is singular.
+    """
+    from ..backend import factor_symmetric
+
+    lay = BandedKKT.__new__(BandedKKT)
+    lay._layout(point, damping)
+    xp, dt, offs = lay.xp, lay.dtype, [*lay._offs, lay.N]
+    L = len(offs) - 1
+    diag = [xp.zeros((offs[l + 1] - offs[l],) * 2, dt) for l in range(L)]
+    sub = [None] * L  # K_{l, l-1}: rows of block l, columns of block l-1
+    block = np.searchsorted(offs, np.arange(lay.N), side="right") - 1
+    for r0, c0, E in lay._entries(point):
+        br, bc = int(block[r0]), int(block[c0])
+        rs = slice(r0 - offs[br], r0 - offs[br] + E.shape[0])
+        cs = slice(c0 - offs[bc], c0 - offs[bc] + E.shape[1])
+        if br == bc:
+            diag[br][rs, cs] += E
+        elif br == bc + 1:
+            if sub[br] is None:
+                sub[br] = xp.zeros((offs[br + 1] - offs[br], offs[bc + 1] - offs[bc]), dt)
+            sub[br][rs, cs] += E
+    neg = zero = pos = 0
+    S_inv_cols = None  # S_{l-1}⁻¹ K_{l-1,l}, from the previous factor
+    for l in range(L):
+        S = diag[l]
+        if sub[l] is not None:
+            S = S - sub[l] @ S_inv_cols
+        fac = factor_symmetric(0.5 * (S + S.T))
+        if fac.rcond == 0 or singular_pivots(fac.rcond, 1.0, dt):
+            raise SingularBlockError(
+                f"inertia: the lifted KKT Schur complement of {point.layers[l].name} is "
+                f"singular (reciprocal condition {fac.rcond:.1e}); add damping.",
+                layer=l + 1,
+            )
+        a, b, c = fac.inertia
+        neg, zero, pos = neg + a, zero + b, pos + c
+        if l + 1 < L and sub[l + 1] is not None:
+            S_inv_cols = fac.solve(sub[l + 1].T)
+    m = sum(point.batch_size * ly.n_out for ly in point.layers)
+    return (neg - m, zero, pos - m)

@@ -56,6 +56,7 @@ from ..hessian import ggn_vp, hvp
 from ..network import Pipeline
 from ..operators._common import ArrayOperands
 from ..singular import SingularBlockError, damping_hint
+from .banded_kkt import kkt_inertia
 from .factorization import FACTORIZATIONS, METHODS, available_bytes, banded_bytes, plan
 from .stagewise import StagewiseFactor, stages_from_point
 
@@ -242,17 +243,27 @@ class InverseHessian(ArrayOperands, LinearOperator):
         return self._inertia
 
     def _inertia_fallback(self):
-        """Inertia when the banded LU factored: a sweep with explicit (pivoted) stages."""
-        try:
-            with blas_threads(self.threads):
+        """Inertia when the banded LU factored: explicit (pivoted) stages, else the lifted KKT.
+
+        The sweep's ordering stops at a singular stage pivot; the lifted KKT's
+        block ``LDLᵀ`` (:func:`~blockops.inverse.banded_kkt.kkt_inertia`) keeps
+        the multipliers and states in every block and so goes through those.
+        """
+        with blas_threads(self.threads):
+            try:
                 return StagewiseFactor(stages_from_point(self._fpoint, self.damping, False)).inertia
-        except SingularBlockError:
-            pass
+            except SingularBlockError:
+                pass
+            try:
+                return kkt_inertia(self._fpoint, self.damping)
+            except SingularBlockError:
+                pass
         n = self.shape[0]
         if n > 4000:
             raise SingularBlockError(
-                "InverseHessian.inertia: the stage pivots are singular (the banded LU gives no "
-                "inertia) and n > 4000 is too large for a dense eigenvalue count; add damping."
+                "InverseHessian.inertia: the stage pivots and the lifted KKT Schur complements "
+                "are singular (the banded LU gives no inertia) and n > 4000 is too large for a "
+                "dense eigenvalue count; add damping."
             )
         xp = self.point.xp
         Hd = self._apply_H(xp.eye(n, dtype=self.point.dtype))

@@ -293,3 +293,39 @@ def test_ggn_with_loss_parameters():
         Gi = inverse_hessian(pt, damping=lam, kind="ggn", method=method)
         assert rel_res(Gl, Gi @ g, g) <= 1e-10
         assert Gi.inertia == (0, 0, n)
+
+
+@pytest.mark.parametrize("case", _indefinite_invertible_cases())
+def test_kkt_inertia_equals_eigvalsh(case):
+    """Block LDLᵀ of the lifted KKT: In(K) − (m, 0, m) is the inertia of H (Gould's theorem)."""
+    from blockops.inverse.banded_kkt import kkt_inertia
+
+    pt, H = dense_case(case, 0.0)
+    assert kkt_inertia(pt, 0.0) == dense_inertia(H)
+    w = np.linalg.eigvalsh(H)
+    sigma = 0.5 * (w[1] + w[2]) if w[2] - w[1] > 1e-6 * np.abs(w).max() else w[0] - 1.0
+    shifted = H - sigma * np.eye(len(H))
+    assert kkt_inertia(pt, -sigma) == dense_inertia(shifted)
+
+
+def test_inertia_after_kkt_fallback_comes_from_the_lifted_kkt(monkeypatch):
+    """Singular stage pivots (even explicit ones): the inertia comes from the lifted KKT."""
+    import blockops.inverse.operator as op
+    from blockops.inverse.stagewise import StagewiseFactor, stages_from_point
+
+    case = _indefinite_invertible_cases()[2]  # Dense 6->1 at batch 4: Q_uu singular
+    pt, H = dense_case(case, 0.0)
+    with pytest.raises(SingularBlockError):
+        StagewiseFactor(stages_from_point(pt, 0.0, False))
+    Hi = inverse_hessian(pt, damping=0.0)
+    assert Hi.method == "kkt"
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return kkt_inertia(*args)
+
+    kkt_inertia = op.kkt_inertia
+    monkeypatch.setattr(op, "kkt_inertia", counted)
+    assert Hi.inertia == dense_inertia(H)
+    assert len(calls) == 1  # answered by the lifted KKT, not by a dense eigenvalue count
