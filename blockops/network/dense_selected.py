@@ -127,9 +127,13 @@ def dense_selected_inverse(seg, Pi, blocks=False):
         Pis = xp.empty((n, ns, ns), dt)
         Pis[0] = Pi
         PsiT = Psi.transpose(0, 2, 1)
-        for j in range(n - 1):  # the sequential part: Π before each layer (Pis[j])
-            xp.matmul(Psi[j] @ Pis[j], PsiT[j], out=Pis[j + 1])
-            Pis[j + 1] += M[j]
+        if seg._jit is not None:  # the sequential part compiled (Π before each layer)
+            Psi, PsiT = np.ascontiguousarray(Psi), np.ascontiguousarray(PsiT)
+            seg._jit.pi_sweep(Psi, PsiT, np.ascontiguousarray(M), Pis)
+        else:
+            for j in range(n - 1):
+                xp.matmul(Psi[j] @ Pis[j], PsiT[j], out=Pis[j + 1])
+                Pis[j + 1] += M[j]
         Pi = Psi[-1] @ Pis[-1] @ PsiT[-1] + M[-1]  # n_out square: a lone layer may change width
         Pi = 0.5 * (Pi + Pi.T)
         Pis = 0.5 * (Pis + Pis.transpose(0, 2, 1))  # symmetric up to rounding

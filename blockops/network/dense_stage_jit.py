@@ -501,14 +501,20 @@ def _forward_sweep(g, s, W, TinvR, QT, Y, d1, beta, lam, full, tau, gam, u):
     return nxt
 
 
+def _pi_sweep(Psi, PsiT, M, Pis):
+    """``Pis[j+1] = Ψ_j Pis[j] Ψ_jᵀ + M_j`` (selected inversion, :mod:`.dense_selected`)."""
+    for j in range(Psi.shape[0] - 1):
+        Pis[j + 1] = np.dot(np.dot(Psi[j], Pis[j]), PsiT[j]) + M[j]
+
+
 # -- loading ----------------------------------------------------------------------------
 _HELPERS = ("_chol_upper", "_lu", "_factor_pivot", "_solve_rows", "_solve_vec")
 LAPACK_K = 32  # pivots of this order and up are factored by LAPACK (measured, see _Kernels)
-_SWEEPS = ("_factor_sweep", "_backward_sweep", "_forward_sweep", "_lu_rebuild")
+_SWEEPS = ("_factor_sweep", "_backward_sweep", "_forward_sweep", "_lu_rebuild", "_pi_sweep")
 
 
 class _Kernels:
-    """The compiled sweeps (``factor``, ``backward``, ``forward``; ``lu_rebuild``).
+    """The compiled sweeps (``factor``, ``backward``, ``forward``; ``lu_rebuild``, ``pi_sweep``).
 
     ``lapack[dtype]``: ``(potrf, getrf)`` of SciPy's LAPACK as ctypes function
     pointers, passed to the factor as arguments (a pointer baked into the code
@@ -531,7 +537,9 @@ class _Kernels:
         g = globals()
         for name in _HELPERS + _SWEEPS:  # callees first: callers resolve them when compiled
             g[name] = numba.njit(**opts)(g[name])
-        self.factor, self.backward, self.forward, self.lu_rebuild = (g[n] for n in _SWEEPS)
+        self.factor, self.backward, self.forward, self.lu_rebuild, self.pi_sweep = (
+            g[n] for n in _SWEEPS
+        )
         self.LAPACK_K = LAPACK_K
 
         def fn(name, nargs):
