@@ -118,6 +118,13 @@ def _laplace_evidence(g):
     assert g["var"].shape == (len(g["X_plot"]), 1) and (g["var"] > 0).all()
 
 
+def _spectral_histogram(g):
+    assert (g["counts"] == g["dense_counts"]).all()  # exact counts = dense eigvalsh, every bin
+    assert g["counts"].sum() == g["n"] and g["outside"] == 0
+    assert 0 < g["n_neg"] < g["n"]  # the point is a saddle
+    assert abs(g["slq"].sum() - g["n"]) < 1e-6 * g["n"]  # SLQ's weights: a probability per probe
+
+
 CHECKS = {
     "plot_dobbs_functional_inverse": _dobbs,
     "plot_r_operator": _r_operator,
@@ -128,6 +135,7 @@ CHECKS = {
     "plot_torch_newton": _torch_newton,
     "plot_torch_influence": _torch_influence,
     "plot_laplace_evidence": _laplace_evidence,
+    "plot_spectral_histogram": _spectral_histogram,
 }
 
 
