@@ -35,11 +35,16 @@ handful of small products per layer. The inertia of ``Q_uu`` is that of ``T``
 plus ``p - ρa`` eigenvalues ``λ``.
 
 Backends: everything is written with the array module of the layer data
-(batched ``xp.linalg.qr``, matmul, ``xp.linalg.solve``). The pivots ``T`` are
-factored by LAPACK (``gesv``; ``potrf`` when positive definite) on NumPy, and
-by ``xp.linalg.solve`` with a batched ``xp.linalg.eigvalsh`` of the ``T``
-stack (pivot ratio, ``log|det|`` and inertia) otherwise: CuPy, or NumPy inside
-:func:`blockops.backend.generic_linalg`. The pivot check is one
+(batched ``xp.linalg.qr``, matmul, ``xp.linalg.solve``). On NumPy the pivots
+``T`` are factored by LAPACK: the small form by ``posv`` (``gesv`` when ``T``
+is not definite); the large form by ``potrf``, or Bunch-Kaufman ``sytrf``
+when ``T`` is not definite, its half gain by one ``trsm`` and
+``V ← Q_ss − Rᵀ T⁻¹ R`` by ``syrk`` on the lower triangle, then mirrored
+(:mod:`blockops.backend.kernels`: half the flops of the full product, and of
+LU's ``getrs`` and ``Rᵀ (T⁻¹ R)`` for indefinite ``T``). Otherwise (CuPy, or NumPy
+inside :func:`blockops.backend.generic_linalg`) they are solved by
+``xp.linalg.solve`` with a batched ``xp.linalg.eigvalsh`` of the ``T`` stack
+(pivot ratio, ``log|det|`` and inertia). The pivot check is one
 device-to-host transfer per segment during the factorisation; solves stay on
 the device.
 
@@ -48,8 +53,9 @@ Compiled sweeps: on host NumPy with numba installed, segments with
 factorisation, the two sweeps of a solve) as compiled functions over the whole
 segment (:mod:`.dense_stage_jit`): per layer the step is a few products of
 16- to 64-square matrices, which NumPy calls cost more to dispatch than to
-compute. Same algorithm and pivots (Cholesky, LU with partial pivoting when
-``T`` is not definite, the same pivot magnitudes and singular check); they
+compute. Same algorithm and pivots as the small form (Cholesky, LU with
+partial pivoting when ``T`` is not definite, the same pivot magnitudes and
+singular check; the large form's Bunch-Kaufman pivots are judged alike); they
 keep ``W``, ``T⁻¹R`` and the factor of ``T`` instead of ``T``, ``Ψ`` and
 ``Ψᵀ``, and rebuild the ``T`` of LU-factored layers from their factors when the
 inertia is asked for. Without numba (or with ``BLOCKOPS_JIT=0``) the array code
@@ -106,6 +112,22 @@ def _stack_mm(X, Q):
     return (Xm @ Q).reshape(L, kc, a, Q.shape[2])
 
 
+def _mirror_lower(xp, V, block=64):
+    """Copy the lower triangle of the square ``V`` onto its upper one, in place.
+
+    By ``block``-square tiles: a transposed read of whole rows walks memory
+    with a stride of one row per element (an ``512``-square ``V + Vᵀ`` costs
+    twice as long as the tiled copy).
+    """
+    n = V.shape[0]
+    for i in range(0, n, block):
+        rows = V[i : i + block]
+        d = rows[:, i : i + block]
+        d[...] = xp.tril(d) + xp.tril(d, -1).T
+        for j in range(i + block, n, block):
+            rows[:, j : j + block] = V[j : j + block, i : i + block].T
+
+
 def _kron_eye(Y, a):
     """``kron(Y, I_a)`` for a stack ``Y`` (L, B, ρ) -> (L, B a, ρ a)."""
     L, B, rho = Y.shape
@@ -133,6 +155,7 @@ class DenseSegment:
         self.xp = xp = get_array_module(ex[0]["W"], caches[0].z_prev)
         self._eigT = None  # eigenvalues of the T stack (generic path)
         self._Ts_lu = []  # pivots factored by LU (all of them on the generic path)
+        self._negatives = 0  # negative eigenvalues of the host L D L^T-factored pivots
         W = _stack(xp, [e["W"] for e in ex])  # (L, a, a_in)
         z = _stack(xp, [c.z_prev for c in caches])  # (L, B, a_in)
         d1 = _stack(xp, [e["d1"] for e in ex])  # (L, B, a)
@@ -312,52 +335,64 @@ class DenseSegment:
         return V2, ud
 
     def _factor_large(self, V2):
-        """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``)."""
+        """Per-layer Kronecker-structured step (``C = diag(w) + D1 V D1``).
+
+        Per layer, with ``GC = G C`` formed once: ``Q_ss = W_blkᵀ (C W_blk)``,
+        ``T = λI + GC Gᵀ`` (``k`` batched ``ρ × B`` by ``B × a`` products, no
+        transposed copy of ``GC``), ``R = GC W_blk + S_q``; the factor of ``T``
+        gives the half gain ``Y = L_f⁻¹ R`` (in ``R``'s memory on the host) and
+        subtracts ``Rᵀ T⁻¹ R`` from the lower triangle of ``Q_ss`` (``syrk``),
+        which is then mirrored: ``V`` is exactly symmetric after every update.
+        Width 16, batch 32, depth 1024, one BLAS thread, shared 2-core VM: factor
+        7.9 -> 5.2 s against LU, ``gemm`` for ``YᵀY`` and the transposed ``GC``; what
+        is left is mostly ``trsm`` + ``syrk`` (2.3 s, near one core's peak), page
+        faults of the stored factors (about 0.7 s) and the Kronecker products.
+        """
         xp, L, ns, k, a, B, m = self.xp, self.nlayers, self.n_in, self.k, self.a, self.B, self.n_out
-        dt = self.dtype
+        dt, rho, a_in = self.dtype, self.rho, self.a_in
         # Per layer (factor of T, half gain Y = L_f^-1 R): Cholesky when T is positive
-        # definite (half the flops of LU + GEMM), else LU (backend kernels).
+        # definite, else Bunch-Kaufman on the host, LU on the generic path (backend kernels).
         factor_T = pivot_factorizer(xp, dt)
         self.fac = [None] * L
         pivots = [None] * L
-        lamI = self.damping * xp.eye(k, dtype=dt)
-        diag = xp.arange(m)
+        diag, diag_k = xp.arange(m), xp.arange(k)
         # Work in preallocated buffers: a fresh (m x m) array of 2 MB costs about 1.5 ms
         # of page faults on a shared VM (batch 32, depth 128: factor 2.30 -> 2.02 s).
-        C, CW = xp.empty((m, m), dt), xp.empty((m, ns), dt)
-        Qss, S, V2buf = (xp.empty((ns, ns), dt) for _ in range(3))
-        R, Sq = xp.empty((k, ns), dt), xp.empty((1, self.rho, a, B, self.a_in), dt)
+        C, CW, GC = xp.empty((m, m), dt), xp.empty((m, ns), dt), xp.empty((k, m), dt)
+        T = xp.empty((k, k), dt)  # the factors copy it (the generic LU keeps a copy)
+        V = xp.zeros((m, m), dt) if V2 is None else 0.5 * V2  # the value matrix, not 2V
+        Sq = xp.empty((1, rho, a, B, a_in), dt)
         for j in range(L - 1, -1, -1):
             W, YT = self.W[j], self.YT[j]
             d1 = self.d1[j].reshape(m)
-            if V2 is None:
-                C[...] = 0
-            else:  # C = D1 V D1 (V2 = 2V), scaled in place
-                xp.multiply(V2, 0.5 * d1[:, None], out=C)
-                C *= d1[None, :]
+            xp.multiply(V, d1[:, None], out=C)  # C = D1 V D1 + diag(w)
+            C *= d1[None, :]
             C[diag, diag] += self.w[j].reshape(m)
             # C W_blk as one GEMM (a batch of m*B tiny products is slow), Q_ss = W_blk^T C W_blk.
-            xp.matmul(C.reshape(m * B, a), W, out=CW.reshape(m * B, self.a_in))
-            xp.matmul(W.T, CW.reshape(B, a, ns), out=Qss.reshape(B, self.a_in, ns))
-            GC = (YT @ C.reshape(B, a * m)).reshape(k, m)
-            T = (YT @ GC.T.reshape(B, a * k)).reshape(k, k) + lamI  # lam I + G C G^T
-            xp.matmul(YT, CW.reshape(B, a * ns), out=R.reshape(self.rho, a * ns))
+            xp.matmul(C.reshape(m * B, a), W, out=CW.reshape(m * B, a_in))
+            # Q_ss overwrites V once C is formed (a new buffer only if a_in != a: one layer)
+            V = V if V.shape[0] == ns else xp.empty((ns, ns), dt)
+            xp.matmul(W.T, CW.reshape(B, a, ns), out=V.reshape(B, a_in, ns))
+            xp.matmul(YT, C.reshape(B, a * m), out=GC.reshape(rho, a * m))  # G C
+            # T[(r,i),(r',i')] = sum_s GC[(r,i),(s,i')] Y[s,r']: per row of GC, Y^T (B x a)
+            xp.matmul(YT, GC.reshape(k, B, a), out=T.reshape(k, rho, a))
+            T[diag_k, diag_k] += self.damping
+            R = (GC.reshape(k * B, a) @ W).reshape(k, ns)  # G C W_blk, fresh: becomes Y
             R += self._Sq(slice(j, j + 1), out=Sq)[0]
             fac = factor_T(T)
             if fac is None:
                 raise self._singular(j, "exactly singular")
-            if not fac.definite:
-                self._Ts_lu.append(T)
-            Y, _ = fac.half_gain(R, out=S)
-            self.fac[j] = (fac, Y)
+            if fac.negatives is None:  # generic LU: T kept for the batched eigvalsh
+                self._Ts_lu.append(fac.T)
+            else:
+                self._negatives += fac.negatives
+            self.fac[j] = (fac, fac.half_gain_update(R, V))  # V -= R^T T^-1 R (lower)
             pivots[j] = fac.pivots()
-            Qss -= S
             if not self.full:
-                Qss -= self._E(slice(j, j + 1))[0]
-            V2 = V2buf
-            xp.add(Qss, Qss.T, out=V2)  # symmetrised 2V (docs: numerics)
+                V -= self._E(slice(j, j + 1))[0]
+            _mirror_lower(xp, V)
         LUd, self._eigT = pivot_magnitudes(xp, self._Ts_lu[::-1], pivots)
-        return V2, LUd
+        return V + V, LUd
 
     def _TR(self, j, s):
         """``T_j⁻¹ R_j s``."""
@@ -440,7 +475,7 @@ class DenseSegment:
             self._jit.lu_rebuild(self._F[lu], self._piv[lu], Ts)
         else:
             Ts = self.T if self.small else self._Ts_lu
-        neg = count_negative(self.xp, Ts, self._eigT)
+        neg = count_negative(self.xp, Ts, self._eigT) + self._negatives
         if self.damping < 0:  # the p - k eigenvalues lam of each Q_uu outside T's range
             neg += (self.pl - self.k) * self.nlayers
         return (neg, 0, self.pl * self.nlayers - neg)
@@ -477,25 +512,24 @@ class DenseSegment:
         """``(I − U_q U_qᵀ)`` on (L, kc, a, r)."""
         return X - _stack_mm(_stack_mm(X, self.Q), self.QT)
 
-    def _bwd_step(self, j, v):
-        """``Ψ_jᵀ v``, ``Ψ = D1 (W_blk − Gᵀ T⁻¹ R)``."""
-        if self.small:
-            return self.PsiT[j] @ v
+    def _bwd_step(self, j, v, gam):
+        """``Ψ_jᵀ v + (T⁻¹R)ᵀ γ = W_blkᵀ w − (T⁻¹R)ᵀ (G w − γ)``, ``w = D1 v`` (large form).
+
+        ``γ`` joins ``G w`` so each layer's half gain is read once per sweep.
+        """
         B, a, kc = self.B, self.a, v.shape[1]
         w = self.d1[j].reshape(-1, 1) * v
         Ww = (self.W[j].T @ w.reshape(B, a, kc)).reshape(self.n_in, kc)
         Gw = (self.YT[j] @ w.reshape(B, a * kc)).reshape(self.k, kc)
-        return Ww - self._TRt(j, Gw)
+        return Ww - self._TRt(j, Gw - gam)
 
     def _fwd_step(self, j, s):
-        """``Ψ_j s``."""
-        if self.small:
-            return self._Psi[j] @ s
+        """``(Ψ_j s, T⁻¹R s)`` (large form): the gain product is the control's too."""
         B, a, kc = self.B, self.a, s.shape[1]
         Ws = (self.W[j] @ s.reshape(B, self.a_in, kc)).reshape(self.n_out, kc)
         t = self._TR(j, s)
         Gt = (self.Y[j] @ t.reshape(self.rho, a * kc)).reshape(self.n_out, kc)
-        return self.d1[j].reshape(-1, 1) * (Ws - Gt)
+        return self.d1[j].reshape(-1, 1) * (Ws - Gt), t
 
     def backward(self, v, g):
         """Linear-term sweep: ``v_{l-1} = Ψᵀ v_l + T⁻¹R`ᵀ γ_l + λ⁻¹ S_⊥ᵀ g_l``."""
@@ -505,27 +539,28 @@ class DenseSegment:
         Xg = self._matrix_form(g)
         kc = Xg.shape[1]
         gam = self._to_reduced(Xg)  # U_q^T g_l
-        if self.small:
-            psi = self.TinvR.transpose(0, 2, 1) @ gam
-        else:
-            psi = xp.stack([self._TRt(j, gam[j]) for j in range(L)])
+        # psi_l = T^-1R`^T gamma_l + lam^-1 S_perp^T g_l (large form: the first term in the loop)
+        psi = self.TinvR.transpose(0, 2, 1) @ gam if self.small else None
         if not self.full:
             Xp = self._perp(Xg)[:, :, :, : self.a_in]
             sig = (self.beta[:, None] @ Xp).transpose(0, 2, 3, 1).reshape(L, ns, kc)
-            psi += sig / self.damping
+            psi = sig / self.damping if psi is None else psi + sig / self.damping
         vs = xp.zeros((L, self.n_out, kc), g.dtype)
         top = L - 1
-        if v is None:
-            v, top = psi[top], top - 1
         if self.small:  # the sequential part: one product and one add per layer
+            if v is None:
+                v, top = psi[top], top - 1
             PsiT = self.PsiT
             for j in range(top, -1, -1):
                 vs[j] = v
                 v = PsiT[j] @ v + psi[j]
-        else:
+        else:  # from v = 0 when there is no later stage (its step gives psi_top)
+            v = xp.zeros((self.n_out, kc), g.dtype) if v is None else v
             for j in range(top, -1, -1):
                 vs[j] = v
-                v = self._bwd_step(j, v) + psi[j]
+                v = self._bwd_step(j, v, gam[j])
+                if psi is not None:
+                    v += psi[j]
         # tau_l = T^-1 (G D1 v_l - gamma_l)
         dv = (self.d1.reshape(L, -1, 1) * vs).reshape(L, B, a * kc)
         Gdv = (self.YT @ dv).reshape(L, k, kc)
@@ -553,14 +588,14 @@ class DenseSegment:
             for j in range(j0, L):
                 ss[j] = s
                 s = Psi[j] @ s + om[j]
-        else:
-            for j in range(j0, L):
-                ss[j] = s
-                s = self._fwd_step(j, s) + om[j]
-        if self.small:
             eta = -(self.TinvR @ ss) - tau  # U_q^T u_l
         else:
-            eta = -xp.stack([self._TR(j, ss[j]) for j in range(L)]) - tau
+            eta = -tau  # U_q^T u_l = -T^-1R s_{l-1} - tau_l, the gain product from each step
+            for j in range(j0, L):
+                ss[j] = s
+                s, t = self._fwd_step(j, s)
+                s += om[j]
+                eta[j] -= t
         U = self._from_reduced(eta)
         if not self.full:
             # u_perp = -lam^-1 (I - P)(Sel s - g)
