@@ -21,7 +21,7 @@ import time
 
 from . import EXIT_OK
 from .preflight import case_memory, fmt_bytes, memory_limit, memory_problem, out_folder_problem
-from .problem import measure_case
+from .problem import measure_case, warm_up_kernels
 from .report import fit_slope, fmt_float, fmt_time, plot_scaling, require_matplotlib, write_json
 
 FULL = {
@@ -128,6 +128,7 @@ def run(args, rep) -> int:
         f"{len(cases)} cases: depths {s['depths']}, widths {s['widths']}, "
         f"batches {s['batches']}, λ = {args.damping:g}, backend {args.backend}"
     )
+    warm_up_kernels(rep)  # not inside the first case's factor time
     records, skipped = _measure_cases(rep, cases, s, args)
     _scaling_table(rep, records, s, args)
     slopes = _slopes(records, s)

@@ -37,7 +37,31 @@ __all__ = [
     "orthogonal_init",
     "positive_preconditioner",
     "relative_residual",
+    "warm_up_kernels",
 ]
+
+
+def warm_up_kernels(rep=None) -> float:
+    """Compile (or load from numba's cache) the compiled sweeps before anything is timed.
+
+    The first run on a machine compiles them (about 25 s on a loaded 2-core VM;
+    a fresh demo reported its factorisation at 2700 HVPs because of it); later
+    runs load them in under a second. One tiny factor and solve triggers all of
+    them. Returns the seconds spent and says so when it was more than one.
+    """
+    from ..inverse import inverse_hessian
+    from ..network import Dense, MSELoss, Pipeline
+
+    t0 = time.perf_counter()
+    net = Pipeline([Dense(4, 4), Dense(4, 4), MSELoss()])
+    rng = np.random.default_rng(0)
+    pt = net.linearize(net.init(), rng.standard_normal((1, 4)), rng.standard_normal((1, 4)))
+    Hinv = inverse_hessian(pt, damping=1e-3)
+    Hinv.matvec(pt.gradient)
+    spent = time.perf_counter() - t0
+    if rep is not None and spent > 1.0:
+        rep.print(f"compiled the exact inverse's sweeps for this machine in {spent:.0f} s (once)")
+    return spent
 
 
 class Unwired(MissingDependency):
