@@ -31,6 +31,7 @@ __all__ = [
     "check_shape",
     "check_vector",
     "layer_dampings",
+    "per_layer_values",
     "result_dtype",
 ]
 
@@ -59,6 +60,39 @@ def check_damping(owner: str, damping: Any) -> float:
     return lam
 
 
+def per_layer_values(owner: str, name: str, value: Any, layers, positive: bool = False):
+    """One real number, or one per layer, checked; ``(values, scalar_given)``.
+
+    ``values`` is a float64 array with one entry per layer, 0 for
+    parameter-free layers (whose entries are not checked). Finite always;
+    ``> 0`` with ``positive``.
+    """
+    want = "a finite value > 0" if positive else "a finite value"
+    used = np.array([ly.n_params > 0 for ly in layers], dtype=bool)
+    if np.ndim(value) == 0:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{owner}: {name}={value!r}; expected a real number") from None
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{owner}: {name}={v}; expected {want}")
+        return np.where(used, v, 0.0), True
+    try:
+        values = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {name} is not a sequence of real numbers") from None
+    if values.shape != (len(layers),):
+        raise ValueError(
+            f"{owner}: {name} has shape {values.shape}; expected a number or one value per "
+            f"layer ({len(layers)},) (parameter-free layers' entries are unused)"
+        )
+    for l in np.flatnonzero(used):
+        v = values[l]
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise ValueError(f"{owner}: {name}[{l}] = {v} ({layers[l].name}); expected {want}")
+    return np.where(used, values, 0.0), False
+
+
 def check_layer_damping(owner: str, damping: Any, layers) -> float | tuple:
     """``λ`` of the exact inverse: one real number, or one per layer; any sign.
 
@@ -67,31 +101,13 @@ def check_layer_damping(owner: str, damping: Any, layers) -> float | tuple:
     one value per entry of ``layers`` (those of parameter-free layers are
     unused); all equal collapses to the float.
     """
-    if np.ndim(damping) == 0:
-        try:
-            lam = float(damping)
-        except (TypeError, ValueError):
-            raise TypeError(f"{owner}: damping={damping!r}; expected a real number") from None
-        if not np.isfinite(lam):
-            raise ValueError(f"{owner}: damping={lam}; expected a finite value")
-        return lam
-    try:
-        lams = np.asarray(damping, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"{owner}: damping is not a sequence of real numbers") from None
-    if lams.shape != (len(layers),):
-        raise ValueError(
-            f"{owner}: damping has shape {lams.shape}; expected a number or one value per "
-            f"layer ({len(layers)},)"
-        )
-    if not np.all(np.isfinite(lams)):
-        bad = int(np.flatnonzero(~np.isfinite(lams))[0])
-        name = layers[bad].name
-        raise ValueError(f"{owner}: damping[{bad}] = {lams[bad]} ({name}) is not finite")
-    used = [float(v) for v, ly in zip(lams, layers) if ly.n_params]
-    if used and all(v == used[0] for v in used):
-        return used[0]
-    return tuple(float(v) if ly.n_params else 0.0 for v, ly in zip(lams, layers))
+    values, scalar = per_layer_values(owner, "damping", damping, layers)
+    if scalar:
+        return float(damping)
+    used = values[[ly.n_params > 0 for ly in layers]]
+    if used.size == 0 or np.all(used == used[0]):
+        return float(used[0]) if used.size else 0.0
+    return tuple(float(v) for v in values)
 
 
 def layer_dampings(damping, n_layers: int) -> tuple:

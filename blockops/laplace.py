@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from ._backprop import check_inputs, forward_caches, per_sample_cotangents, vjp_sweep
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, per_layer_values
 from .backend import as_backend, to_numpy
 from .inverse import inverse_diagonal, inverse_hessian
 from .network import Point
@@ -171,36 +171,7 @@ class LaplaceGGN:
 
     def _check_prior(self, prior) -> tuple[np.ndarray, bool]:
         """Per-layer ``δ`` (0 for parameter-free layers) and whether one value was given."""
-        layers, used = self.point.layers, self.sizes > 0
-        if np.ndim(prior) == 0:
-            try:
-                value = float(prior)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"{_OWNER}: prior_precision={prior!r}; expected a real number > 0"
-                ) from None
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"{_OWNER}: prior_precision={value}; expected a finite value > 0 "
-                    "(the precision of the prior N(0, I/δ))"
-                )
-            return np.where(used, value, 0.0), True
-        try:
-            values = np.asarray(prior, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"{_OWNER}: prior_precision is not a sequence of numbers") from None
-        if values.shape != (len(layers),):
-            raise ValueError(
-                f"{_OWNER}: prior_precision has shape {values.shape}; expected a number or one "
-                f"value per layer ({len(layers)},) (parameter-free layers' entries are ignored)"
-            )
-        for l in np.flatnonzero(used):
-            if not (math.isfinite(values[l]) and values[l] > 0):
-                raise ValueError(
-                    f"{_OWNER}: prior_precision[{l}] = {values[l]} ({layers[l].name}); "
-                    "expected a finite value > 0"
-                )
-        return np.where(used, values, 0.0), False
+        return per_layer_values(_OWNER, "prior_precision", prior, self.point.layers, positive=True)
 
     def _resolve(self, prior) -> np.ndarray:
         return self._delta if prior is None else self._check_prior(prior)[0]
