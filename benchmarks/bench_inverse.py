@@ -257,11 +257,12 @@ COLUMNS = [
 ]
 
 
-def table(rows) -> str:
-    head = " | ".join(c for c, _ in COLUMNS)
+def table(rows, columns=COLUMNS) -> str:
+    """Rows as a ``|``-separated table of ``(key, format)`` columns ("-" where absent)."""
+    head = " | ".join(c for c, _ in columns)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(" | ".join(f.format(r[c]) if c in r else "-" for c, f in COLUMNS))
+        lines.append(" | ".join(f.format(r[c]) if c in r else "-" for c, f in columns))
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ import numpy as np
 import scipy
 import scipy.linalg
 import scipy.sparse.linalg as spla
-from bench_inverse import best_times, make_point
+from bench_inverse import best_times, make_point, table
 from threadpoolctl import threadpool_limits
 
 from blockops.hessian import hvp
@@ -344,14 +344,6 @@ EIG_COLUMNS = [
     ("agreement", "{:.0e}"),
     ("scipy_k_needed", "{}"),
 ]
-
-
-def table(rows, columns) -> str:
-    head = " | ".join(c for c, _ in columns)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(" | ".join(f.format(r[c]) if c in r else "-" for c, f in columns))
-    return "\n".join(lines)
 
 
 def main(argv=None):

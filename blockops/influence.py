@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._backprop import forward_caches, vjp_sweep
+from ._backprop import forward_caches, per_sample_cotangents, vjp_sweep
 from ._checks import check_finite, check_int, check_on_backend, check_vector
 from .inverse import InverseHessian, inverse_hessian
 from .network import Point
@@ -75,11 +75,11 @@ def influence_scores(
     train_grads,
     test_grads,
     *,
-    damping=0.0,
-    kind="hessian",
-    method="auto",
-    refine=1,
-    threads=1,
+    damping=None,
+    kind=None,
+    method=None,
+    refine=None,
+    threads=None,
 ) -> InfluenceScores:
     r"""Influence scores ``(n_test, n_train)`` from one batched exact solve.
 
@@ -89,16 +89,16 @@ def influence_scores(
         The pipeline linearised at the trained parameters on the training set
         (then :math:`H + \lambda I` is factored here), or a factorisation to
         reuse (then ``damping``, ``kind``, ``method``, ``refine`` and
-        ``threads`` must keep their defaults: they are the operator's).
+        ``threads`` must not be given: they are the operator's).
     train_grads, test_grads : array ``(n_params,)`` or ``(n_params, k)``
         Gradients as columns (e.g. :func:`per_sample_gradients`); never
         modified.
     damping : float or sequence of float
-        :math:`\lambda` (weight decay), or one value per layer.
+        :math:`\lambda` (weight decay), or one value per layer; default 0.
     kind : {"hessian", "ggn"}
-        Invert the Hessian or the Gauss-Newton matrix.
+        Invert the Hessian (default) or the Gauss-Newton matrix.
     method, refine, threads
-        As :func:`~blockops.inverse.inverse_hessian`.
+        As :func:`~blockops.inverse.inverse_hessian` (its defaults when not given).
 
     Returns
     -------
@@ -107,22 +107,18 @@ def influence_scores(
         G_{\text{train}}`, and the residuals of the solve of the smaller side.
     """
     owner = "influence_scores"
+    options = {"damping": damping, "kind": kind, "method": method, "refine": refine}
+    options = {k: v for k, v in {**options, "threads": threads}.items() if v is not None}
     if isinstance(point, InverseHessian):
-        given = {"damping": damping, "kind": kind, "method": method, "refine": refine}
-        given["threads"] = threads
-        defaults = {"damping": 0.0, "kind": "hessian", "method": "auto", "refine": 1, "threads": 1}
-        bad = [k for k, v in given.items() if v != defaults[k]]
-        if bad:
+        if options:
+            bad = list(options)
             raise ValueError(
                 f"{owner}: {', '.join(bad)} given with a factorisation; they are the "
                 "operator's own: pass the Point instead to factor with them"
             )
         Hinv = point
     elif isinstance(point, Point):
-        check_int(owner, "threads", threads, 1)
-        Hinv = inverse_hessian(
-            point, damping=damping, kind=kind, method=method, refine=refine, threads=threads
-        )
+        Hinv = inverse_hessian(point, **options)
     else:
         raise TypeError(
             f"{owner}: point is a {type(point).__name__}; expected a Point or an InverseHessian"
@@ -158,9 +154,13 @@ def per_sample_gradients(point, chunk=64):
     xp, layers = point.xp, point.layers
     cols = []
     for i in range(0, point.batch_size, chunk):
-        caches = forward_caches(layers, point.xs, point.X[i : i + chunk], point.y[i : i + chunk])
+        if chunk >= point.batch_size:  # the point's own forward pass is this chunk's
+            caches = point.caches
+        else:
+            X, y = point.X[i : i + chunk], point.y[i : i + chunk]
+            caches = forward_caches(layers, point.xs, X, y)
         c = caches[0].z_prev.shape[0]
         # the loss row of sample s is s·ℓ_s / c: the cotangent c·e_s picks s·ℓ_s
-        b = (c * xp.eye(c, dtype=point.dtype))[:, :, None]
+        b = per_sample_cotangents(xp, c, 1, point.dtype, weight=c)
         cols.append(vjp_sweep(layers, caches, point.pipeline.offsets, b, point.n_params))
     return xp.concatenate(cols).T

@@ -28,6 +28,7 @@ Dask is optional (``pip install "blockops[dask]"``) and imported when
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -62,7 +63,6 @@ def _import_dask(scheduler):
         distributed = None
         if scheduler == "distributed":
             import distributed
-            from distributed import Client, LocalCluster, progress  # noqa: F401 (all there)
     except ImportError as err:
         raise ImportError(
             f'{OWNER}: needs Dask ({err}); install it with pip install "blockops[dask]" '
@@ -123,12 +123,10 @@ def _solve_chunk(Hinv, G):
 
 def _run_threads(dask, Hinv, chunks, n_workers, progress):
     """The chunks on Dask's threaded scheduler: no cluster, the factor shared in memory."""
-    tasks = [dask.delayed(_solve_chunk, pure=False)(Hinv, Gc) for Gc in chunks]
-    if not progress:
-        return dask.compute(*tasks, scheduler="threads", num_workers=n_workers)
     from dask.diagnostics import ProgressBar
 
-    with ProgressBar():
+    tasks = [dask.delayed(_solve_chunk, pure=False)(Hinv, Gc) for Gc in chunks]
+    with ProgressBar() if progress else contextlib.nullcontext():
         return dask.compute(*tasks, scheduler="threads", num_workers=n_workers)
 
 
@@ -259,5 +257,9 @@ def _solve_parts(dask, distributed, Hinv, G, client, chunk, n_workers, progress)
 
 
 def _warn(Hinv, worst):
-    """The residual warning of ``Hinv @ G``, once for the whole call (stack: the caller)."""
+    """The residual warning of ``Hinv @ G``, once for the whole call.
+
+    A frame of its own so that the warning's ``stacklevel`` points at the caller of
+    :func:`solve_many`, as it points at the caller of ``Hinv @ G``.
+    """
     Hinv._warn_residual(worst)

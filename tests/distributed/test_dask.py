@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import reference
 
 from blockops import Dense, MSELoss, Pipeline
 from blockops.distributed import solve_many
@@ -37,10 +38,16 @@ def _problem(seed=0):
     return net, pt, rng
 
 
+def _dense(net, pt, damping):
+    """``H + λI`` from the independent JAX reference."""
+    H = reference.dense_hessian(net.spec(), pt.params, pt.X, pt.y)
+    return H + damping * np.eye(net.n_params)
+
+
 @pytest.fixture(scope="module")
 def problem():
     net, pt, rng = _problem()
-    Hd = hessian(pt, damping=DAMPING) @ np.eye(net.n_params)
+    Hd = _dense(net, pt, DAMPING)
     G = rng.standard_normal((net.n_params, K))
     return pt, Hd, G
 
@@ -110,7 +117,7 @@ def test_threads_other_factor_paths(path):
     pt = net.linearize(net.init(seed=1), rng.standard_normal((B, 3)), rng.standard_normal((B, 2)))
     with compiled(False):
         Hi = inverse_hessian(pt, damping=1e-2)
-    Hd = hessian(pt, damping=1e-2) @ np.eye(net.n_params)
+    Hd = _dense(net, pt, 1e-2)
     G = rng.standard_normal((net.n_params, 12))
     _assert_matches(solve_many(Hi, G, scheduler="threads", chunk=1, n_workers=3), Hi, G, Hd)
 
@@ -195,8 +202,9 @@ def test_residual_warning_once(problem):
 
 # -- the factor is shipped, not recomputed --------------------------------------------
 def _install_counters():
-    """On a worker: count factorisations (every constructor that factors) and solves."""
-    from blockops.inverse import BandedKKT, InverseHessian, StagewiseFactor
+    """On a worker: count factorisations (every entry that factors, down to a stage) and solves."""
+    from blockops.inverse import BandedKKT, ExplicitStage, InverseHessian, StagewiseFactor
+    from blockops.network.dense_stage import DenseSegment
 
     if hasattr(InverseHessian, "_test_counts"):
         return
@@ -211,8 +219,14 @@ def _install_counters():
 
         setattr(cls, name, counted)
 
-    for cls in (InverseHessian, StagewiseFactor, BandedKKT):
-        wrap(cls, "__init__", "factor")
+    for cls, name in (
+        (InverseHessian, "_factorize"),
+        (StagewiseFactor, "__init__"),
+        (BandedKKT, "__init__"),
+        (ExplicitStage, "factor"),
+        (DenseSegment, "factor"),
+    ):
+        wrap(cls, name, "factor")
     wrap(InverseHessian, "solve", "solve")
     InverseHessian._test_counts = counts
 

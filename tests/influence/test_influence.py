@@ -125,6 +125,10 @@ def test_bad_input():
     Hinv = inverse_hessian(pt, damping=0.1)
     with pytest.raises(ValueError, match="damping given with a factorisation"):
         influence_scores(Hinv, g, g, damping=0.1)
+    with pytest.raises(ValueError, match="damping given with a factorisation"):
+        influence_scores(Hinv, g, g, damping=np.full(len(net.layers), 0.1))  # per layer
+    with pytest.raises(ValueError, match="threads"):
+        influence_scores(pt, g, g, damping=0.1, threads=0)
     with pytest.raises(TypeError, match="expected a Point or an InverseHessian"):
         influence_scores(net, g, g)
     with pytest.raises(ValueError, match="chunk=0"):

@@ -47,16 +47,30 @@ def _point(kind):
 
 @pytest.fixture
 def factor_counter(monkeypatch):
-    """Count factorisations: every constructor that factors ``H + λI``."""
+    """Count factorisations: every entry that factors ``H + λI``, down to one stage.
+
+    Unpickling calls no ``__init__``, so ``__init__`` alone could not see a
+    ``__setstate__`` that factored again; the factoring methods are counted too.
+    """
+    from blockops.inverse import ExplicitStage
+    from blockops.network.dense_stage import DenseSegment
+
     calls = []
-    for cls in (InverseHessian, StagewiseFactor, BandedKKT):
-        orig = cls.__init__
+    for cls, name in (
+        (InverseHessian, "__init__"),
+        (InverseHessian, "_factorize"),
+        (StagewiseFactor, "__init__"),
+        (BandedKKT, "__init__"),
+        (ExplicitStage, "factor"),
+        (DenseSegment, "factor"),
+    ):
+        orig = getattr(cls, name)
 
         def counted(self, *args, _orig=orig, **kwargs):
             calls.append(type(self).__name__)
             return _orig(self, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "__init__", counted)
+        monkeypatch.setattr(cls, name, counted)
     return calls
 
 
