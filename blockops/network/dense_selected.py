@@ -50,13 +50,6 @@ def _pivot_inverses(seg, sl):
     return xp.linalg.inv(T)
 
 
-def _gains(seg, sl):
-    """``T⁻¹R`` (n, k, n_in) of layers ``sl``."""
-    if seg._jit is not None or seg.small:
-        return seg.TinvR[sl]
-    return seg.xp.stack([fac.right(Yh) for fac, Yh in seg.fac[sl]])
-
-
 def _gain_tensor(seg, sl, TinvR):
     """``X`` of layers ``sl`` as (n, a, r, n_in): rows ``(i, k)`` of ``X̃ = [W, c]``."""
     xp, a, rho, ns = seg.xp, seg.a, seg.rho, seg.n_in
@@ -120,7 +113,7 @@ def dense_selected_inverse(seg, Pi, blocks=False):
     out = []
     for j0 in range(0, L, step):
         sl = slice(j0, min(L, j0 + step))
-        Tinv, TinvR = _pivot_inverses(seg, sl), _gains(seg, sl)
+        Tinv, TinvR = _pivot_inverses(seg, sl), seg.gains(sl)
         Psi, DGt = _transition(seg, sl, TinvR)
         M = DGt @ Tinv @ DGt.transpose(0, 2, 1)
         n = Psi.shape[0]

@@ -14,18 +14,23 @@ through ``np.dot``) instead of the stacked ``(ns + k)``-square products:
 
 * ``C = diag(w) + D₁ V D₁`` (``V = V2 / 2``), ``CW = C W_blk``;
 * ``Q_ss − E = W_blkᵀ CW − E``, ``R = G CW + S_q``, ``T = λI + G C Gᵀ``;
-* ``T⁻¹R`` by Cholesky, LU with partial pivoting when ``T`` is not definite,
-  with the array path's pivot magnitudes (``diag(L)²`` / ``|diag U|``, judged
-  by :func:`blockops.singular.singular_pivots`): loops for ``k < 32``,
-  LAPACK's ``potrf`` / ``getrf`` from ``k = 32`` (on ``T`` made exactly
-  symmetric from its lower triangle);
-* ``V2 = Q_ss − E − Rᵀ T⁻¹R``, symmetrised (``V2 += V2ᵀ``).
+* the pivot ``T`` factored by Cholesky, LU with partial pivoting when it is
+  not definite, with the array path's pivot magnitudes (``diag(L)²`` /
+  ``|diag U|``, judged by :func:`blockops.singular.singular_pivots`): loops
+  for ``k < 32``, LAPACK's ``potrf`` / ``getrf`` from ``k = 32`` (on ``T``
+  made exactly symmetric from its lower triangle);
+* ``V2 = Q_ss − E − Rᵀ T⁻¹R``, symmetrised: where ``T = LLᵀ`` from the half
+  gain ``H = L⁻¹R`` (BLAS ``trsm``) and ``Rᵀ T⁻¹R = HᵀH`` (BLAS ``syrk``, one
+  triangle), half the flops of ``T⁻¹R`` and ``Rᵀ (T⁻¹R)``; where ``T`` is LU
+  factored, from ``T⁻¹R`` and one GEMM.
 
-The factor keeps ``T⁻¹R`` and the factor of ``T`` (``Lᵀ`` of its Cholesky
-factor, or its LU and row swaps); the solves apply ``T⁻¹`` through it instead
-of refactoring ``T``, and apply ``Ψ = D₁ (W_blk − Gᵀ T⁻¹R)`` unformed (see
-the note above :func:`_backward_sweep`). Right-hand sides are handled in the
-layout ``(kc, ·)`` so a single vector's products run over contiguous memory.
+The factor keeps the gains (``H`` of Cholesky-factored pivots, ``T⁻¹R`` of
+LU-factored ones) and the factor of ``T`` (``Lᵀ`` of its Cholesky factor, or
+its LU and row swaps); the solves apply ``T⁻¹`` through it instead of
+refactoring ``T`` (``(T⁻¹R)ᵀx = Hᵀ(L⁻¹x)`` and ``T⁻¹R s = L⁻ᵀ(H s)``), and
+apply ``Ψ = D₁ (W_blk − Gᵀ T⁻¹R)`` unformed (see the note above
+:func:`_backward_sweep`). Right-hand sides are handled in the layout
+``(kc, ·)`` so a single vector's products run over contiguous memory.
 
 Measured (width 16, tanh, MSE, λ = 1e-3, float64, depth 1024, batch 1, one BLAS
 thread, a shared 2-core VM, CPU time, best of 30): per layer the array path
@@ -34,6 +39,9 @@ spends about 35 µs in the factor loop (Python and NumPy dispatch around
 (factor: loops 6.5, then 4.7 with GEMMs through ``np.dot``, 3.3 with Ψ left
 unformed) and 0.8 + 0.5 µs (backward + forward). Whole segment, stages
 built: factor 39 → 7.6 ms, solve 13 → 3.0 ms, against 7.8 ms for one HVP.
+At batch 4 (``k = 64``) the half gain by BLAS took the factor from 97 to 62 ms
+(per layer ``trsm`` + ``syrk`` 21 µs against 49 µs for the loop solve and the
+GEMM), and ``R``, ``G C`` as two GEMMs from 62 to 52 ms; at batch 1 it is even.
 
 numba is optional: :func:`kernels` imports it on first use and returns
 ``None`` when it is absent (the array path then runs), or when the sweeps are
@@ -152,8 +160,8 @@ def _solve_rows(F, piv, lu, X):
             X[i, c] *= inv
 
 
-def _solve_vec(F, piv, lu, x):
-    """``x ← T⁻¹ x`` in place for one vector ``x`` (k,)."""
+def _lower_vec(F, piv, lu, x):
+    """``x ← L⁻¹ x`` in place: the first half of a solve with ``T`` (row swaps first for LU)."""
     k = x.shape[0]
     if lu:
         for i in range(k):
@@ -170,11 +178,24 @@ def _solve_vec(F, piv, lu, x):
             f = x[i]
             for t in range(i + 1, k):
                 x[t] -= F[i, t] * f
+
+
+def _upper_vec(F, x):
+    """``x ← U⁻¹ x`` in place, ``U`` the upper triangle of ``F`` (``Lᵀ``, or LU's ``U``)."""
+    # Column by column (axpy on a strided column): 2.4 µs at k = 64 against 10.7 µs for
+    # row dot products, whose serial sum numba does not vectorise (1024 pivots, one thread).
+    k = x.shape[0]
     for i in range(k - 1, -1, -1):
-        acc = x[i]
-        for t in range(i + 1, k):
-            acc -= F[i, t] * x[t]
-        x[i] = acc / F[i, i]
+        xi = x[i] / F[i, i]
+        x[i] = xi
+        for t in range(i):
+            x[t] -= F[t, i] * xi
+
+
+def _solve_vec(F, piv, lu, x):
+    """``x ← T⁻¹ x`` in place for one vector ``x`` (k,)."""
+    _lower_vec(F, piv, lu, x)
+    _upper_vec(F, x)
 
 
 def _factor_pivot(T, F, ud, piv, lapack, potrf, getrf, ints, ch, ipiv):
@@ -212,17 +233,32 @@ def _factor_pivot(T, F, ud, piv, lapack, potrf, getrf, ints, ch, ipiv):
 
 
 # -- the factorisation: the backward Riccati sweep over a segment ----------------------
-def _factor_sweep(
-    W, d1, w, beta, QT, Y, V2, lam, half, full, TinvR, F, piv, islu, ud, lapack, potrf, getrf
-):
-    """Backward sweep; fills ``TinvR``, ``F``/``piv``/``islu`` and ``ud``.
+def _half_gain(F, H, S, trsm, syrk, ints, ch, one, zero):
+    """``H ← L⁻¹ H`` (``trsm``) and the upper triangle of ``S = HᵀH`` (``syrk``), by BLAS.
+
+    ``F`` holds ``U = Lᵀ`` row-major, which is the column-major lower ``L``; the
+    row-major ``H`` (k, ns) is the column-major ``Hᵀ``, so ``L⁻¹ H`` is the
+    right-side solve ``Hᵀ L⁻ᵀ`` and ``HᵀH`` the column-major lower ``Hᵀ (Hᵀ)ᵀ``.
+    """
+    # ch: "RLTN"; ints: (ns, k)
+    side, lo, tr, no = ch[0:].ctypes, ch[1:].ctypes, ch[2:].ctypes, ch[3:].ctypes
+    ns, k = ints[0:].ctypes, ints[1:].ctypes
+    trsm(side, lo, tr, no, ns, k, one.ctypes, F.ctypes, k, H.ctypes, ns)
+    syrk(lo, no, ns, k, one.ctypes, H.ctypes, ns, zero.ctypes, S.ctypes, ns)
+
+
+def _factor_sweep(W, d1, w, beta, QT, Y, V2, lam, half, full, gain, F, piv, islu, ud, lapack, blas):
+    """Backward sweep; fills ``gain``, ``F``/``piv``/``islu`` and ``ud``.
 
     ``W`` (L, a, a_in); ``d1``, ``w``, ``beta`` (L, B a); ``QT`` (L, ρ, r);
     ``Y`` (L, B, ρ); ``V2`` (B a, B a) is ``2V`` entering the last layer (zero
-    when there is none). ``lapack``: factor the pivots by ``potrf`` / ``getrf``
-    (function pointers of the dtype). Returns ``(V2 at the input, index of an
+    when there is none). ``lapack``: factor the pivots by ``potrf`` / ``getrf``;
+    ``blas``: ``(potrf, getrf, trsm, syrk)`` function pointers of the dtype.
+    ``gain[j]`` is the half gain ``L⁻¹R`` of a Cholesky-factored pivot and
+    ``T⁻¹R`` of an LU-factored one. Returns ``(V2 at the input, index of an
     exactly singular pivot or -1)``.
     """
+    potrf, getrf, trsm, syrk = blas
     L, a, a_in = W.shape
     B, rho = Y.shape[1], Y.shape[2]
     m, ns, k = B * a, B * a_in, rho * a
@@ -241,6 +277,10 @@ def _factor_sweep(
     CWb, Zsb = CW.reshape(B, a, ns), Zs.reshape(B, a_in, ns)
     ints, ipiv, ch = np.empty(3, np.int32), np.empty(k, np.int32), np.empty(1, np.uint8)
     ch[0] = 76  # 'L'
+    dims, chars = np.empty(2, np.int32), np.empty(4, np.uint8)
+    dims[0], dims[1] = ns, k
+    chars[0], chars[1], chars[2], chars[3] = 82, 76, 84, 78  # "RLTN"
+    one, zero = np.ones(1, dt), np.zeros(1, dt)
     for j in range(L - 1, -1, -1):
         Wj, dj, wj, QTj, Yj, bj = W[j], d1[j], w[j], QT[j], Y[j], beta[j]
         # C = D1 V D1 + diag(w)
@@ -256,17 +296,12 @@ def _factor_sweep(
         # R = G CW + S_q: R[(r, i), :] = sum_s Y[s, r] CW[(s, i), :],
         # S_q[(r, i), (s, kk)] = Q[kk, r] beta[s, i]
         # GC = G C: GC[(r, i), :] = sum_s Y[s, r] C[(s, i), :]
-        R[:, :] = 0.0
-        GC[:, :] = 0.0
+        # (two GEMMs, Yᵀ (ρ × B) by B × (a ns): 10 -> 2 µs a layer against loops, batch 4)
+        np.dot(Yj.T, CW.reshape(B, a * ns), R.reshape(rho, a * ns))
+        np.dot(Yj.T, C.reshape(B, a * m), GC.reshape(rho, a * m))
         for r in range(rho):
             for i in range(a):
                 row = r * a + i
-                for s in range(B):
-                    y = Yj[s, r]
-                    for q in range(ns):
-                        R[row, q] += y * CW[s * a + i, q]
-                    for q in range(m):
-                        GC[row, q] += y * C[s * a + i, q]
                 for s in range(B):
                     b = bj[s * a + i]
                     for kk in range(a_in):
@@ -306,20 +341,28 @@ def _factor_sweep(
                         for k2 in range(a_in):
                             Zs[s * a_in + kk, s2 * a_in + k2] -= f * P[kk, k2]
         # pivot: Cholesky, LU with partial pivoting when T is not definite
-        Fj, TR = F[j], TinvR[j]
+        Fj, Hj = F[j], gain[j]
         lu, ok = _factor_pivot(T, Fj, ud[j], piv[j], lapack, potrf, getrf, ints, ch, ipiv)
         if not ok:
             return Vout, j
         islu[j] = lu
-        TR[:, :] = R
-        _solve_rows(Fj, piv[j], lu, TR)
+        Hj[:, :] = R
         # V2 = Q_ss - E - R^T T^-1 R, symmetrised
-        np.dot(R.T, TR, S)
-        for p in range(ns):
-            for q in range(p + 1):
-                v = (Zs[p, q] - S[p, q]) + (Zs[q, p] - S[q, p])
-                Vout[p, q] = v
-                Vout[q, p] = v
+        if lu:  # T indefinite: the full gain T^-1 R and one GEMM
+            _solve_rows(Fj, piv[j], True, Hj)
+            np.dot(R.T, Hj, S)
+            for p in range(ns):
+                for q in range(p + 1):
+                    v = (Zs[p, q] - S[p, q]) + (Zs[q, p] - S[q, p])
+                    Vout[p, q] = v
+                    Vout[q, p] = v
+        else:  # R^T T^-1 R = H^T H, H = L^-1 R: half the flops (see _Kernels)
+            _half_gain(Fj, Hj, S, trsm, syrk, dims, chars, one, zero)
+            for p in range(ns):
+                for q in range(p, ns):
+                    v = (Zs[p, q] + Zs[q, p]) - 2.0 * S[p, q]
+                    Vout[p, q] = v
+                    Vout[q, p] = v
         Vin, Vout = Vout, Vin
     return Vin, -1
 
@@ -353,17 +396,19 @@ def _lu_rebuild(F, piv, out):
 # The projections on the complement of the basis (B < r) use gam = U_q^T g, too:
 #   S_perp^T g:  sig[(s, :)] = sum_i beta[s, i] (X[i, :] - sum_r gam[(r, i)] Q[:, r]),
 #   u_perp row i: (I - Q Q^T) D_i with D_i Q = sum_s beta[s, i] (s_s Q_z) - gam[(., i)].
-def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, tau, gam):
+def _backward_sweep(g, v, W, gain, F, piv, islu, QT, Y, d1, beta, lam, full, tau, gam):
     """``v`` (kc, B a) entering the last layer → ``v`` at the input.
 
     ``g`` (kc, L, p_l): the segment's right-hand sides, per layer ``[W.ravel(), c]``.
-    Fills ``tau`` (L, kc, k) and ``gam = U_qᵀ g`` (L, kc, k) for the forward sweep.
+    Fills ``tau`` (L, kc, k) and ``gam = U_qᵀ g`` (L, kc, k) for the forward sweep;
+    ``tau`` is ``T⁻¹x`` at LU-factored layers and ``L⁻¹x`` at Cholesky ones (where
+    ``gain`` is the half gain ``L⁻¹R``, so ``(T⁻¹R)ᵀ x = gainᵀ L⁻¹x``).
     """
     L, a, a_in = W.shape
     kc = g.shape[0]
-    rho, B, k, ns = QT.shape[1], Y.shape[1], TinvR.shape[1], TinvR.shape[2]
+    rho, B, k, ns = QT.shape[1], Y.shape[1], gain.shape[1], gain.shape[2]
     m = B * a
-    dt = TinvR.dtype
+    dt = gain.dtype
     x = np.empty(k, dt)
     sig = np.empty(a_in, dt)
     dv = np.empty(m, dt)
@@ -371,7 +416,7 @@ def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, ta
     cur[:, :] = v
     out = np.empty((kc, ns), dt)
     for j in range(L - 1, -1, -1):
-        Wj, QTj, Yj, dj, bj, TRj = W[j], QT[j], Y[j], d1[j], beta[j], TinvR[j]
+        Wj, QTj, Yj, dj, bj, Hj, lu = W[j], QT[j], Y[j], d1[j], beta[j], gain[j], islu[j]
         for c in range(kc):
             gj, vc, oc, tj, gm = g[c, j], cur[c], out[c], tau[j, c], gam[j, c]
             # gam = U_q^T g: gam[(r, i)] = sum_kk X[i, kk] Q[kk, r], X = [W, c]
@@ -382,7 +427,7 @@ def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, ta
                     for kk in range(a_in):
                         acc += gj[i * a_in + kk] * qr[kk]
                     gm[r * a + i] = acc + gj[a * a_in + i] * qr[a_in]
-            # x = G D1 v - gam; tau = T^-1 x
+            # x = G D1 v - gam; tau = T^-1 x (LU) or L^-1 x (Cholesky)
             for p in range(m):
                 dv[p] = dj[p] * vc[p]
             x[:] = 0.0
@@ -394,7 +439,10 @@ def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, ta
             for t in range(k):
                 x[t] -= gm[t]
                 tj[t] = x[t]
-            _solve_vec(F[j], piv[j], islu[j], tj)
+            _lower_vec(F[j], piv[j], lu, tj)
+            if lu:
+                _upper_vec(F[j], tj)
+            src = x if lu else tj  # gain^T src = (T^-1 R)^T x either way
             # v <- W_blk^T D1 v - (T^-1 R)^T x (+ lam^-1 S_perp^T g)
             for q in range(ns):
                 oc[q] = 0.0
@@ -404,9 +452,9 @@ def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, ta
                     for kk in range(a_in):
                         oc[s * a_in + kk] += f * Wj[i, kk]
             for t in range(k):
-                f = x[t]
+                f = src[t]
                 for q in range(ns):
-                    oc[q] -= f * TRj[t, q]
+                    oc[q] -= f * Hj[t, q]
             if not full:
                 for s in range(B):
                     sig[:] = 0.0
@@ -427,13 +475,13 @@ def _backward_sweep(g, v, W, TinvR, F, piv, islu, QT, Y, d1, beta, lam, full, ta
     return out
 
 
-def _forward_sweep(g, s, W, TinvR, QT, Y, d1, beta, lam, full, tau, gam, u):
+def _forward_sweep(g, s, W, gain, F, islu, QT, Y, d1, beta, lam, full, tau, gam, u):
     """``s`` (kc, B a_in) into the first layer → ``s`` out of the last; fills ``u`` (kc, L, p_l)."""
     L, a, a_in = W.shape
     kc = g.shape[0]
-    rho, r_dim, B, k, ns = QT.shape[1], QT.shape[2], Y.shape[1], TinvR.shape[1], TinvR.shape[2]
+    rho, r_dim, B, k, ns = QT.shape[1], QT.shape[2], Y.shape[1], gain.shape[1], gain.shape[2]
     m = B * a
-    dt = TinvR.dtype
+    dt = gain.dtype
     eta = np.empty(k, dt)
     U = np.empty(r_dim, dt)
     coef = np.empty(rho, dt)
@@ -442,15 +490,19 @@ def _forward_sweep(g, s, W, TinvR, QT, Y, d1, beta, lam, full, tau, gam, u):
     cur[:, :] = s
     nxt = np.empty((kc, m), dt)
     for j in range(L):
-        Wj, QTj, Yj, dj, bj, TRj = W[j], QT[j], Y[j], d1[j], beta[j], TinvR[j]
+        Wj, QTj, Yj, dj, bj, Hj, lu = W[j], QT[j], Y[j], d1[j], beta[j], gain[j], islu[j]
         for c in range(kc):
             sc, tj, gj, uj, nc, gm = cur[c], tau[j, c], g[c, j], u[c, j], nxt[c], gam[j, c]
-            # eta = -(T^-1 R) s - tau
+            # eta = -(T^-1 R) s - tau = -L^-T (gain s + tau) at a Cholesky layer
             for t in range(k):
                 acc = 0.0
                 for q in range(ns):
-                    acc += TRj[t, q] * sc[q]
-                eta[t] = -acc - tj[t]
+                    acc += Hj[t, q] * sc[q]
+                eta[t] = acc + tj[t]
+            if not lu:
+                _upper_vec(F[j], eta)
+            for t in range(k):
+                eta[t] = -eta[t]
             # s <- D1 (W_blk s + G^T eta)
             for s_ in range(B):
                 for i in range(a):
@@ -508,7 +560,16 @@ def _pi_sweep(Psi, PsiT, M, Pis):
 
 
 # -- loading ----------------------------------------------------------------------------
-_HELPERS = ("_chol_upper", "_lu", "_factor_pivot", "_solve_rows", "_solve_vec")
+_HELPERS = (
+    "_chol_upper",
+    "_lu",
+    "_factor_pivot",
+    "_solve_rows",
+    "_lower_vec",
+    "_upper_vec",
+    "_solve_vec",
+    "_half_gain",
+)
 LAPACK_K = 32  # pivots of this order and up are factored by LAPACK (measured, see _Kernels)
 _SWEEPS = ("_factor_sweep", "_backward_sweep", "_forward_sweep", "_lu_rebuild", "_pi_sweep")
 
@@ -516,9 +577,9 @@ _SWEEPS = ("_factor_sweep", "_backward_sweep", "_forward_sweep", "_lu_rebuild", 
 class _Kernels:
     """The compiled sweeps (``factor``, ``backward``, ``forward``; ``lu_rebuild``, ``pi_sweep``).
 
-    ``lapack[dtype]``: ``(potrf, getrf)`` of SciPy's LAPACK as ctypes function
-    pointers, passed to the factor as arguments (a pointer baked into the code
-    would stop numba caching it). Per pivot, Cholesky / LU, loops against
+    ``lapack[dtype]``: ``(potrf, getrf, trsm, syrk)`` of SciPy's LAPACK and BLAS
+    as ctypes function pointers, passed to the factor as arguments (a pointer
+    baked into the code would stop numba caching it). Per pivot, Cholesky / LU, loops against
     LAPACK (µs, one thread): k = 16: 0.61 / 1.03 against 0.50 / 1.26; k = 32:
     3.5 / 5.9 against 1.8 / 4.4; k = 64: 22 / 40 against 7.4 / 18.
     """
@@ -542,12 +603,17 @@ class _Kernels:
         )
         self.LAPACK_K = LAPACK_K
 
-        def fn(name, nargs):
-            address = get_cython_function_address("scipy.linalg.cython_lapack", name)
+        def fn(lib, name, nargs):
+            address = get_cython_function_address(f"scipy.linalg.cython_{lib}", name)
             return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * nargs))(address)
 
         self.lapack = {
-            np.dtype(dt): (fn(c + "potrf", 5), fn(c + "getrf", 6))
+            np.dtype(dt): (
+                fn("lapack", c + "potrf", 5),
+                fn("lapack", c + "getrf", 6),
+                fn("blas", c + "trsm", 11),
+                fn("blas", c + "syrk", 10),
+            )
             for dt, c in ((np.float64, "d"), (np.float32, "s"))
         }
 

@@ -64,13 +64,6 @@ def _segments(F):
     return [st for st in F.stages if isinstance(st, DenseSegment)]
 
 
-def _gains(seg):
-    """``T⁻¹R`` (L, k, B a_in): stored by the small form, from the half gains of the large one."""
-    if hasattr(seg, "TinvR"):
-        return seg.TinvR
-    return np.stack([fac.right(Y) for fac, Y in seg.fac])
-
-
 def _rel(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     den = np.linalg.norm(ref)
@@ -124,7 +117,7 @@ def test_compiled_matches_array_path(case):
     for sc, sa, sg in zip(segs_c, segs_a, segs_g):
         # T Z = R solved in another order: forward error up to about eps cond(T)
         cond = float(np.linalg.cond(_pivot_inverses(sc, slice(None))).max())  # = cond(T)
-        check("T^-1 R", sc.TinvR, _gains(sa), _gains(sg), 10 * eps * cond)
+        check("T^-1 R", sc.gains(), sa.gains(), sg.gains(), 10 * eps * cond)
         if sa.small:
             check("Psi", sc.Psi, sa.Psi, sg.Psi, 10 * eps * cond)
         check("logdet", sc.logdet, sa.logdet, sg.logdet)
@@ -158,12 +151,16 @@ def test_lu_fallback_and_cholesky_are_both_exercised():
     assert 0 < seg._islu.sum() < seg.nlayers
     ud_lu = np.abs(np.diagonal(seg._F[seg._islu], axis1=1, axis2=2))  # |diag U| of the LU
     assert np.all(ud_lu > 0)
-    _, pt = _point(30, 2, 16, seed=2)  # k = 32: LAPACK's potrf and getrf, both kinds
-    (seg,) = _segments(_factor(pt, 1e-3, "compiled"))
-    (ref,) = _segments(_factor(pt, 1e-3, "array"))
+    net, pt = _point(30, 2, 16, seed=2)  # k = 32: LAPACK's potrf and getrf, both kinds
+    Fc, Fa = _factor(pt, 1e-3, "compiled"), _factor(pt, 1e-3, "array")
+    (seg,), (ref,) = _segments(Fc), _segments(Fa)
     assert seg.k >= seg._jit.LAPACK_K and 0 < seg._islu.sum() < seg.nlayers
     assert seg.inertia == ref.inertia
-    assert _rel(seg.TinvR, ref.TinvR) <= 1e-12
+    assert _rel(seg.gains(), ref.gains()) <= 1e-12
+    # solves mix the half gains L⁻¹R of Cholesky layers with T⁻¹R of LU ones
+    G = np.random.default_rng(3).standard_normal((net.n_params, 2))
+    assert _rel(Fc.solve(G), Fa.solve(G)) <= 1e-11
+    assert _rel(Fc.solve(G[:, :1]), Fa.solve(G[:, :1])) <= 1e-11
 
 
 @requires_numba
