@@ -240,8 +240,10 @@ def test_memory_estimate_bounds_a_measured_case(width, batch):
     from blockops.cli.preflight import case_memory
     from blockops.cli.problem import measure_case
 
-    measure_case(2, 2, 2, minres=False)  # imports and caches outside the measurement
     depth = 24
+    # imports, caches and numba's compilation of this case's kernels (a fresh machine
+    # compiles them on first use) outside the measurement
+    measure_case(depth, width, batch, minres=False)
     tracemalloc.start()
     try:
         measure_case(depth, width, batch, minres=False)
