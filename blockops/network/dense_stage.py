@@ -56,9 +56,8 @@ segment (:mod:`.dense_stage_jit`): per layer the step is a few products of
 compute. Same algorithm and pivots as the small form (Cholesky, LU with
 partial pivoting when ``T`` is not definite, the same pivot magnitudes and
 singular check; the large form's Bunch-Kaufman pivots are judged alike); they
-keep ``W``, the gains (the half gain ``L⁻¹R`` where ``T = LLᵀ``, else ``T⁻¹R``;
-:meth:`DenseSegment.gains` gives ``T⁻¹R``) and the factor of ``T`` instead of
-``T``, ``Ψ`` and ``Ψᵀ``, and rebuild the ``T`` of LU-factored layers from their factors when the
+keep ``W``, ``T⁻¹R`` and the factor of ``T`` instead of ``T``, ``Ψ`` and
+``Ψᵀ``, and rebuild the ``T`` of LU-factored layers from their factors when the
 inertia is asked for. Without numba (or with ``BLOCKOPS_JIT=0``) the array code
 runs; :func:`.dense_stage_jit.compiled` switches between the two.
 """
@@ -296,26 +295,18 @@ class DenseSegment:
     def gains(self, sl=slice(None)):
         """The gains ``T⁻¹R`` (n, k, n_in) of layers ``sl``, whichever path factored them.
 
-        The compiled sweeps keep the half gain ``L⁻¹R`` of a Cholesky-factored
-        ``T = LLᵀ`` (so ``T⁻¹R = L⁻ᵀ (L⁻¹R)`` here) and ``T⁻¹R`` of an LU-factored
-        one; the large form keeps half gains and the factors of ``T``.
+        Stored by the small form and the compiled sweeps; the large form keeps
+        half gains and the factors of ``T``.
         """
-        if self._jit is not None:
-            G = self._gain[sl].copy()
-            chol = ~self._islu[sl]
-            if chol.any():  # Lᵀ is the upper triangle of F: a back substitution per layer
-                G[chol] = np.linalg.solve(np.triu(self._F[sl][chol]), G[chol])
-            return G
-        if self.small:
+        if self._jit is not None or self.small:
             return self.TinvR[sl]
         return self.xp.stack([fac.right(Yh) for fac, Yh in self.fac[sl]])
 
     def _factor_compiled(self, V2):
         """The backward sweep as one compiled loop (host NumPy; :mod:`.dense_stage_jit`).
 
-        Keeps ``W``, the gains (the half gain ``L⁻¹R`` where ``T = LLᵀ``, ``T⁻¹R`` where
-        ``T`` is LU-factored), the factor of ``T`` (``Lᵀ``, or its LU and row swaps),
-        ``Qᵀ``, ``Y``, ``d1`` and ``β``: what the solves read.
+        Keeps ``W``, ``T⁻¹R``, the factor of ``T`` (``Lᵀ`` of its Cholesky factor, or
+        its LU and row swaps), ``Qᵀ``, ``Y``, ``d1`` and ``β``: what the solves read.
         """
         L, m, ns, k, dt = self.nlayers, self.n_out, self.n_in, self.k, self.dtype
         if L > 1 and m != ns:
@@ -324,7 +315,7 @@ class DenseSegment:
         self._d1f = np.ascontiguousarray(self.d1.reshape(L, m))
         self._betaf = np.ascontiguousarray(self.beta.reshape(L, m))
         self.Y = np.ascontiguousarray(self.Y)
-        self._gain = np.empty((L, k, ns), dt)
+        self.TinvR = np.empty((L, k, ns), dt)
         self._F = np.empty((L, k, k), dt)  # L^T of the Cholesky factor of T, or its LU
         self._piv = np.zeros((L, k), np.int32)  # LU row swaps
         self._islu = np.zeros(L, np.bool_)
@@ -341,7 +332,7 @@ class DenseSegment:
             dt.type(self.damping),
             dt.type(0.5),
             self.full,
-            self._gain,
+            self.TinvR,
             self._F,
             self._piv,
             self._islu,
@@ -635,7 +626,7 @@ class DenseSegment:
             gT,
             vT,
             self.W,
-            self._gain,
+            self.TinvR,
             self._F,
             self._piv,
             self._islu,
@@ -659,9 +650,7 @@ class DenseSegment:
             gT,
             sT,
             self.W,
-            self._gain,
-            self._F,
-            self._islu,
+            self.TinvR,
             self.QT,
             self.Y,
             self._d1f,
