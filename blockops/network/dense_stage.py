@@ -83,8 +83,10 @@ SMALL_M = 32  # B*a up to which the stacked (ns + k)-square form is used
 # B*a up to which the compiled sweeps run (host NumPy with numba). Width 16, one BLAS
 # thread, CPU ms of factor (stages built) / one solve, compiled against array path, depth
 # 1024: B = 1: 7.6 / 3.0 against 39 / 13; B = 2: 19 / 6.0 against 117 / 18; B = 4: 104 / 17
-# against 132 / 64; depth 256, B = 8: 200 / 14 against 187 / 31 (so not compiled).
-JIT_M = 64
+# against 132 / 64. With the BLAS value update (k >= 32), factor / refined solve / repeated
+# solve: depth 256, B = 8: 129-139 / 23 / 10-13 against 139-192 / 52-77 / 33-38; depth 128,
+# B = 16: 562 / 53-60 / 27 against 420-472 / 85-102 / 44-54 (so not compiled).
+JIT_M = 128
 
 
 def _compiled_kernels(xp, dtype):

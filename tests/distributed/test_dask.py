@@ -109,7 +109,7 @@ def test_threads_other_factor_paths(path):
     from blockops.network.dense_stage_jit import compiled
 
     rng = np.random.default_rng(5)
-    if path == "array-large":  # B a = 80 > JIT_M: the Kronecker-structured array path
+    if path == "array-large":  # sweeps off, B a = 80 > SMALL_M: the Kronecker-structured path
         layers, B = [Dense(3, 10, "tanh"), Dense(10, 10, "tanh"), Dense(10, 2, "identity")], 8
     else:
         layers, B = [Dense(3, 5, "tanh"), Bias(5, "tanh"), Dense(5, 2, "identity")], 3

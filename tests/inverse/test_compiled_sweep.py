@@ -84,6 +84,7 @@ CASES = [
     (6, 3, 2, None, 0.0, "tanh", np.float64),
     (4, 4, 8, 3, 1e-2, "softplus", np.float64),
     (5, 4, 16, None, 1e-2, "tanh", np.float64),  # B a = 64: compiled, array path 'large'
+    (3, 8, 16, None, 1e-2, "tanh", np.float64),  # B a = 128 = JIT_M: k = 128, BLAS update
     (10, 1, 8, None, 1e-2, "tanh", np.float32),
     (6, 2, 16, None, 1e-1, "tanh", np.float32),  # k = 32: LAPACK potrf / getrf in float32
     (8, 2, 4, 3, 1e-1, "tanh", np.float32),

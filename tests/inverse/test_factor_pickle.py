@@ -36,8 +36,8 @@ def _point(kind):
             Dense(5, 2, "identity"),
         ]
         B = 3
-    elif kind == "large":  # B a = 80 > JIT_M, SMALL_M: the Kronecker-structured array path
-        layers, B = [Dense(3, 10, "tanh"), Dense(10, 10, "tanh"), Dense(10, 2, "identity")], 8
+    elif kind == "large":  # B a = 140 > JIT_M, SMALL_M: the Kronecker-structured array path
+        layers, B = [Dense(3, 10, "tanh"), Dense(10, 10, "tanh"), Dense(10, 2, "identity")], 14
     else:
         layers, B = [Dense(3, 4, "tanh"), Dense(4, 4, "tanh"), Dense(4, 2, "identity")], 2
     net = Pipeline([*layers, MSELoss()])
