@@ -39,7 +39,9 @@ unformed) and 0.8 + 0.5 µs (backward + forward). Whole segment, stages
 built: factor 39 → 7.6 ms, solve 13 → 3.0 ms, against 7.8 ms for one HVP.
 At batch 4 (``k = 64``) ``Rᵀ T⁻¹R`` through the half gain by BLAS took the
 factor from 97 to 62 ms (per layer ``trsm`` + ``syrk`` 21 µs against 49 µs for
-the loop solve and the GEMM), and ``R``, ``G C`` as two GEMMs from 62 to 52 ms.
+the loop solve and the GEMM), ``R``, ``G C`` as two GEMMs to 52 ms, and the
+second ``trsm`` that keeps ``T⁻¹R`` for the solves adds back about 10 ms (in
+alternating runs 80-98 ms against 103-115 ms before these changes).
 
 numba is optional: :func:`kernels` imports it on first use and returns
 ``None`` when it is absent (the array path then runs), or when the sweeps are
