@@ -160,8 +160,8 @@ def _solve_rows(F, piv, lu, X):
             X[i, c] *= inv
 
 
-def _lower_vec(F, piv, lu, x):
-    """``x ← L⁻¹ x`` in place: the first half of a solve with ``T`` (row swaps first for LU)."""
+def _solve_vec(F, piv, lu, x):
+    """``x ← T⁻¹ x`` in place for one vector ``x`` (k,)."""
     k = x.shape[0]
     if lu:
         for i in range(k):
@@ -178,24 +178,13 @@ def _lower_vec(F, piv, lu, x):
             f = x[i]
             for t in range(i + 1, k):
                 x[t] -= F[i, t] * f
-
-
-def _upper_vec(F, x):
-    """``x ← U⁻¹ x`` in place, ``U`` the upper triangle of ``F`` (``Lᵀ``, or LU's ``U``)."""
-    # Column by column (axpy on a strided column): 2.4 µs at k = 64 against 10.7 µs for
-    # row dot products, whose serial sum numba does not vectorise (1024 pivots, one thread).
-    k = x.shape[0]
+    # U x = y column by column (axpy on a strided column): 2.4 µs at k = 64 against 10.7 µs
+    # for row dot products, whose serial sum numba does not vectorise (one thread)
     for i in range(k - 1, -1, -1):
         xi = x[i] / F[i, i]
         x[i] = xi
         for t in range(i):
             x[t] -= F[t, i] * xi
-
-
-def _solve_vec(F, piv, lu, x):
-    """``x ← T⁻¹ x`` in place for one vector ``x`` (k,)."""
-    _lower_vec(F, piv, lu, x)
-    _upper_vec(F, x)
 
 
 def _factor_pivot(T, F, ud, piv, lapack, potrf, getrf, ints, ch, ipiv):
@@ -341,17 +330,17 @@ def _subtract_E(Zs, QTj, bj, lam, P, bb):
                     Zs[s * a_in + kk, s2 * a_in + k2] -= f * P[kk, k2]
 
 
-def _value_update(Zs, R, Fj, pivj, lu, blas, Hj, S, Vout, gain_args):
+def _value_update(Zs, R, Fj, pivj, lu, lapack, Hj, S, Vout, gain_args):
     """``Vout = 2 (Q_ss − E − Rᵀ T⁻¹R)`` symmetrised, and the layer's gain ``T⁻¹R`` into ``Hj``.
 
-    With ``blas`` (``k ≥ LAPACK_K``) and ``T = LLᵀ``: ``Rᵀ T⁻¹R = HᵀH`` with the half
+    With ``lapack`` (``k ≥ LAPACK_K``) and ``T = LLᵀ``: ``Rᵀ T⁻¹R = HᵀH`` with the half
     gain ``H = L⁻¹R`` (:func:`_cholesky_gain`, whose BLAS arguments ``gain_args``
     carries). Otherwise ``T⁻¹R`` by loops and one GEMM: below ``k = 32`` three BLAS
     calls cost more than they save (batch 1, depth 1024: factor 5.5 against 8 ms).
     """
     ns = Zs.shape[0]
     Hj[:, :] = R
-    if lu or not blas:
+    if lu or not lapack:
         _solve_rows(Fj, pivj, lu, Hj)
         np.dot(R.T, Hj, S)
         for p in range(ns):
@@ -378,8 +367,7 @@ def _factor_sweep(
     ``Y`` (L, B, ρ); ``V2`` (B a, B a) is ``2V`` entering the last layer (zero
     when there is none). ``lapack``: factor the pivots by ``potrf`` / ``getrf``;
     ``blas``: ``(potrf, getrf, trsm, syrk)`` function pointers of the dtype.
-    Returns ``(V2 at the input, index of an
-    exactly singular pivot or -1)``.
+    Returns ``(V2 at the input, index of an exactly singular pivot or -1)``.
     """
     potrf, getrf, trsm, syrk = blas
     L, a, a_in = W.shape
@@ -610,8 +598,6 @@ _HELPERS = (
     "_lu",
     "_factor_pivot",
     "_solve_rows",
-    "_lower_vec",
-    "_upper_vec",
     "_solve_vec",
     "_cholesky_gain",
     # the per-layer steps of the sweeps, split out to be read; inlined into them
@@ -637,8 +623,8 @@ class _Kernels:
 
     ``lapack[dtype]``: ``(potrf, getrf, trsm, syrk)`` of SciPy's LAPACK and BLAS
     as ctypes function pointers, passed to the factor as arguments (a pointer
-    baked into the code would stop numba caching it). Per pivot, Cholesky / LU, loops against
-    LAPACK (µs, one thread): k = 16: 0.61 / 1.03 against 0.50 / 1.26; k = 32:
+    baked into the code would stop numba caching it). Per pivot, Cholesky / LU,
+    loops against LAPACK (µs, one thread): k = 16: 0.61 / 1.03 against 0.50 / 1.26; k = 32:
     3.5 / 5.9 against 1.8 / 4.4; k = 64: 22 / 40 against 7.4 / 18.
     """
 

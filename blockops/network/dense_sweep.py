@@ -68,7 +68,7 @@ class DenseRun:
         self.G = b * self.d1  # b ⊙ σ'
         self.GT = xp.ascontiguousarray(self.G.transpose(0, 2, 1))  # (R, a, B)
         self.cols = cols
-        self._jit = None
+        self._jit = None  # (forward, backward) compiled recurrences, host only
         if xp is np and self.W.dtype in (np.float32, np.float64):
             from .dense_sweep_jit import recurrences
 
@@ -91,7 +91,6 @@ class DenseRun:
         pre = self.Z[:, None] @ dW.transpose(0, 1, 3, 2)  # s_i, (R, k, B, a)
         pre += dc[:, :, None, :]
         U = xp.empty((R + 1, *pre.shape[1:]), dtype=pre.dtype)  # U[i] = u_{i-1}
-        tmp = xp.empty(pre.shape[1:], dtype=pre.dtype)
         start = 0
         if g_in is None:  # u_{-1} = 0: the first pre-activation is s_0
             xp.multiply(pre[0], self.d1[0], out=U[1])
@@ -103,6 +102,7 @@ class DenseRun:
             pre = xp.ascontiguousarray(pre)
             self._jit[0](pre, U, self.WT, self.d1, start)
             return U[R], (pre, U, dW)
+        tmp = xp.empty(pre.shape[1:], dtype=pre.dtype)
         for i in range(start, R):
             xp.matmul(U[i], self.WT[i], out=tmp)
             pre[i] += tmp

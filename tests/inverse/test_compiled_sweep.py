@@ -158,7 +158,7 @@ def test_lu_fallback_and_cholesky_are_both_exercised():
     assert seg.k >= seg._jit.LAPACK_K and 0 < seg._islu.sum() < seg.nlayers
     assert seg.inertia == ref.inertia
     assert _rel(seg.gains(), ref.gains()) <= 1e-12
-    # solves mix the half gains L⁻¹R of Cholesky layers with T⁻¹R of LU ones
+    # solves through gains from the BLAS update (Cholesky layers) and from LU ones
     G = np.random.default_rng(3).standard_normal((net.n_params, 2))
     assert _rel(Fc.solve(G), Fa.solve(G)) <= 1e-11
     assert _rel(Fc.solve(G[:, :1]), Fa.solve(G[:, :1])) <= 1e-11
